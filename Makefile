@@ -1,0 +1,41 @@
+# kinoray — `make run` and `make test` work on a fresh machine: they create .venv and install first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+OUT ?= outputs
+
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+export RAY_DATA_DISABLE_PROGRESS_BARS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_DISABLE_TELEMETRY ?= 1
+
+.PHONY: install run test serve bench lint clean
+
+install: $(BIN)/.installed
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+run: install
+	$(BIN)/kinoray batch examples/prompts.jsonl --output $(OUT)/run --config examples/job.yaml
+	@echo "videos and manifest.parquet are in $(OUT)/run"
+
+test: install
+	$(BIN)/python -m pytest -q -ra
+
+serve: install
+	$(BIN)/kinoray serve --config examples/serve.yaml
+
+bench: install
+	$(BIN)/kinoray bench --out $(OUT)/bench
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(OUT) .pytest_cache

@@ -1,0 +1,153 @@
+"""`kinoray`: generate one video, run a bulk job, serve the API, or benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+REQUEST_FLAGS = (
+    "negative_prompt",
+    "height",
+    "width",
+    "num_frames",
+    "fps",
+    "num_inference_steps",
+    "guidance_scale",
+    "seed",
+)
+
+
+def _load_config(args: argparse.Namespace) -> Any:
+    from models.config import KinorayConfig
+
+    config = KinorayConfig.load(args.config)
+    updates: dict[str, Any] = {}
+    if getattr(args, "model", None):
+        updates["weights"] = args.model
+    if getattr(args, "device", None):
+        updates["device"] = args.device
+    if getattr(args, "dtype", None):
+        updates["dtype"] = args.dtype
+    if updates:
+        config = config.model_copy(update={"model": config.model.model_copy(update=updates)})
+    return config
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import fsspec
+
+    from models.local import LocalPipeline
+    from models.request import RequestError
+    from models.video import encode_video, video_suffix
+
+    config = _load_config(args)
+    pipeline = LocalPipeline(config)
+    fields = {k: getattr(args, k) for k in REQUEST_FLAGS if getattr(args, k) is not None}
+    try:
+        request = pipeline.request(prompt=args.prompt, **fields)
+    except RequestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    out = pipeline.run([request])
+    if out["error"][0]:
+        print(f"error: {out['error'][0]}", file=sys.stderr)
+        return 1
+    output = args.output or f"{request.id}{video_suffix(request.num_frames)}"
+    with fsspec.open(output, "wb") as f:
+        f.write(encode_video(out["frames"][0], request.fps))
+    print(
+        json.dumps(
+            {
+                "output": output,
+                "id": request.id,
+                "seed": request.seed,
+                "size": f"{request.width}x{request.height}",
+                "frames": request.num_frames,
+                "fps": request.fps,
+                "seconds": round(time.perf_counter() - start, 3),
+            }
+        )
+    )
+    return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from pipelines.job import run_job
+
+    config = _load_config(args)
+    summary = run_job(args.prompts, args.output, config, ray_address=args.address, num_cpus=args.num_cpus)
+    print(summary.render())
+    return 0 if summary.failed == 0 else 3
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from deployments.run import serve_forever
+
+    serve_forever(_load_config(args), address=args.address)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pipelines.bench import main as bench_main
+
+    return bench_main(args)
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (model, stages, defaults)")
+    p.add_argument("--model", help="tiny preset, local diffusers folder or hub id (default: tiny-wan)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kinoray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="one video, in this process")
+    g.add_argument("prompt")
+    g.add_argument("-o", "--output", help="file or fsspec URL (default: <id>.mp4)")
+    _add_model_flags(g)
+    g.add_argument("--negative-prompt", dest="negative_prompt")
+    for name, typ in (("height", int), ("width", int), ("num-frames", int), ("fps", int)):
+        g.add_argument(f"--{name}", dest=name.replace("-", "_"), type=typ)
+    g.add_argument("--steps", dest="num_inference_steps", type=int)
+    g.add_argument("--guidance-scale", dest="guidance_scale", type=float)
+    g.add_argument("--seed", type=int)
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("batch", help="a bulk job: prompt table in, videos + manifest out")
+    b.add_argument("prompts", help="JSONL, CSV or Parquet at any fsspec URL")
+    b.add_argument("-o", "--output", required=True, help="output folder (fsspec URL)")
+    _add_model_flags(b)
+    b.add_argument("--address", help="Ray cluster address (default: start a local one)")
+    b.add_argument("--num-cpus", type=int, help="CPUs for a local Ray cluster")
+    b.set_defaults(func=cmd_batch)
+
+    s = sub.add_parser("serve", help="the OpenAI-compatible Videos API on Ray Serve")
+    _add_model_flags(s)
+    s.add_argument("--address", help="Ray cluster address (default: start a local one)")
+    s.set_defaults(func=cmd_serve)
+
+    k = sub.add_parser("bench", help="kinoray against a diffusers loop and a one-stage Ray Data job")
+    _add_model_flags(k)
+    k.add_argument("--rows", type=int, default=24)
+    k.add_argument("--out", default="bench-results")
+    k.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("KINORAY_LOG", "WARNING"))
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The one configuration schema shared by the CLI, the bulk job, the Serve app and k8s manifests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from models.request import RequestDefaults, RequestLimits
+from models.spec import ModelSpec
+
+
+class StageConfig(BaseModel):
+    """Resources, batching and replica bounds of one stage's actor pool / deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    memory_gb: float | None = Field(default=None, gt=0, description="memory reserved per replica")
+    batch_size: int = Field(default=4, ge=1, description="rows per call")
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    # Online only: Serve autoscaling and dynamic batching.
+    target_ongoing_requests: float = Field(default=2.0, gt=0)
+    max_ongoing_requests: int = Field(default=8, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.05, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> StageConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+
+class BatchConfig(BaseModel):
+    """Bulk job settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    write_concurrency: int = Field(default=1, ge=1, description="parallel video writer tasks")
+    metrics_port: int | None = Field(default=None, description="serve the job's Prometheus metrics here")
+    pushgateway: str | None = Field(default=None, description="push the final summary here (host:port)")
+
+
+class ServeConfig(BaseModel):
+    """Online app settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    storage: str = Field(
+        default="file://./kinoray-store", description="fsspec URL for job records and videos"
+    )
+    api_keys: list[str] = Field(default_factory=list, description="bearer tokens; empty means no auth")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_queued_requests: int = Field(default=64, ge=1)
+    job_deadline_s: float = Field(default=3600.0, gt=0)
+
+
+class KinorayConfig(BaseModel):
+    """model + per-stage pools + request defaults; one YAML file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    defaults: dict[str, Any] = Field(
+        default_factory=dict, description="overrides of the model's request defaults"
+    )
+    encoder: StageConfig = Field(default_factory=StageConfig)
+    denoiser: StageConfig = Field(default_factory=StageConfig)
+    decoder: StageConfig = Field(default_factory=StageConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @model_validator(mode="after")
+    def _defaults(self) -> KinorayConfig:
+        RequestDefaults(**self.defaults)  # unknown or mistyped keys fail here, at load time
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> KinorayConfig:
+        if path is None:
+            return cls()
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        return cls.model_validate(data)
+
+    def request_defaults(self) -> RequestDefaults:
+        from models.families import adapter_class
+
+        base = adapter_class(self.model).request_defaults(self.model)
+        return RequestDefaults(**{**base.model_dump(), **self.defaults})
+
+    def request_limits(self) -> RequestLimits:
+        from models.families import adapter_class
+
+        return adapter_class(self.model).request_limits(self.model)

@@ -1,0 +1,191 @@
+"""What a family adapter does: load one stage's components of a diffusers pipeline and run it."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from models.request import RequestDefaults, RequestLimits
+from models.spec import ModelSpec
+from models.tiny import DEFAULTS_FILE
+
+Stage = Literal["encode", "denoise", "decode"]
+StepCallback = Callable[[int, int], None]  # (steps done, total steps)
+
+# Which pipeline components each stage loads; everything else is passed to from_pretrained as None.
+STAGE_COMPONENTS: dict[str, frozenset[str]] = {
+    "encode": frozenset({"tokenizer", "text_encoder"}),
+    "denoise": frozenset({"transformer", "transformer_2", "scheduler"}),
+    "decode": frozenset({"vae"}),
+}
+
+
+class FamilyAdapter:
+    """One diffusers pipeline family, split into encode / denoise / decode.
+
+    Each method reuses the pipeline's own code: `encode_prompt`, `__call__` with `prompt_embeds=`
+    and `output_type="latent"`, and the VAE's latent normalisation, so that the three stages give
+    the frames the monolithic pipeline gives.
+    """
+
+    name: ClassVar[str]
+    pipeline_class: ClassVar[str]
+    default_max_sequence_length: ClassVar[int]
+    defaults: ClassVar[RequestDefaults]
+
+    def __init__(self, spec: ModelSpec, stage: Stage | None = None):
+        self.spec = spec
+        self.stage = stage
+        self.pipe: Any = self._load(stage) if stage else None
+
+    # -- what requests this checkpoint takes, from its configs alone --------------------------
+
+    @classmethod
+    def request_defaults(cls, spec: ModelSpec) -> RequestDefaults:
+        values = cls.defaults.model_dump()
+        path = spec.path
+        extra = os.path.join(path, DEFAULTS_FILE)
+        if os.path.isdir(path) and os.path.exists(extra):
+            with open(extra) as f:
+                values.update(json.load(f).get("defaults", {}))
+        return RequestDefaults(**values)
+
+    @classmethod
+    def request_limits(cls, spec: ModelSpec) -> RequestLimits:
+        spatial, temporal = cls.vae_factors(spec)
+        return RequestLimits(
+            size_multiple=spatial * cls.patch_size(spec), frame_step=cls.frame_step(spec, temporal)
+        )
+
+    @classmethod
+    def frame_step(cls, spec: ModelSpec, temporal: int) -> int:
+        return temporal
+
+    @classmethod
+    def vae_factors(cls, spec: ModelSpec) -> tuple[int, int]:
+        raise NotImplementedError
+
+    @classmethod
+    def patch_size(cls, spec: ModelSpec) -> int:
+        raise NotImplementedError
+
+    @property
+    def max_sequence_length(self) -> int:
+        return self.spec.max_sequence_length or self.default_max_sequence_length
+
+    # -- loading ------------------------------------------------------------------------------
+
+    def _load(self, stage: Stage) -> Any:
+        import diffusers
+
+        keep = STAGE_COMPONENTS[stage]
+        components = [k for k in self.spec.model_index if not k.startswith("_")]
+        skipped = {name: None for name in components if name not in keep}
+        pipeline_cls = getattr(diffusers, self.pipeline_class)
+        pipe = pipeline_cls.from_pretrained(
+            self.spec.path,
+            revision=self.spec.revision,
+            dtype=self.spec.torch_dtype(),
+            **skipped,
+        )
+        pipe.to(self.spec.torch_device())
+        pipe.set_progress_bar_config(disable=True)
+        # Without its VAE the pipeline falls back to hard-coded scale factors: use the checkpoint's.
+        if stage != "decode":
+            spatial, temporal = self.vae_factors(self.spec)
+            pipe.vae_scale_factor_spatial = spatial
+            pipe.vae_scale_factor_temporal = temporal
+        if stage == "decode":
+            if self.spec.vae_tiling:
+                pipe.vae.enable_tiling()
+            if self.spec.vae_slicing:
+                pipe.vae.enable_slicing()
+        return pipe
+
+    # -- the three stages ---------------------------------------------------------------------
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> float32 embeddings (N, L, D), one row per text."""
+        import torch
+
+        with torch.inference_mode():
+            embeds, _ = self.pipe.encode_prompt(
+                prompt=list(texts),
+                do_classifier_free_guidance=False,
+                num_videos_per_prompt=1,
+                max_sequence_length=self.max_sequence_length,
+                device=self.pipe._execution_device,
+            )
+        return embeds.float().cpu().numpy()
+
+    def denoise(
+        self,
+        prompt_embeds: np.ndarray,
+        negative_prompt_embeds: np.ndarray,
+        seeds: Sequence[int],
+        height: int,
+        width: int,
+        num_frames: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        on_step: StepCallback | None = None,
+    ) -> np.ndarray:
+        """Embeddings of one shape group -> float32 latents (N, ...), one generator per seed."""
+        import torch
+
+        device = self.pipe._execution_device
+        dtype = self.spec.torch_dtype()
+        # One CPU generator per row: each row's noise depends on its own seed only, on any device,
+        # exactly as `pipe(generator=torch.Generator().manual_seed(seed))` draws it for one prompt.
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        callback = None
+        if on_step is not None:
+
+            def callback(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+                on_step(i + 1, num_inference_steps)
+                return {}
+
+        with torch.inference_mode():
+            latents = self.pipe(
+                prompt_embeds=torch.from_numpy(np.ascontiguousarray(prompt_embeds)).to(device, dtype),
+                negative_prompt_embeds=torch.from_numpy(np.ascontiguousarray(negative_prompt_embeds)).to(
+                    device, dtype
+                ),
+                height=height,
+                width=width,
+                num_frames=num_frames,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                generator=generators,
+                max_sequence_length=self.max_sequence_length,
+                output_type="latent",
+                callback_on_step_end=callback,
+                return_dict=False,
+            )[0]
+        return self._trim_latents(latents, num_frames).float().cpu().numpy()
+
+    def _trim_latents(self, latents: Any, num_frames: int) -> Any:
+        return latents
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Latents of one shape -> uint8 frames (N, T, H, W, 3)."""
+        import torch
+
+        vae = self.pipe.vae
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(latents)).to(self.pipe._execution_device, vae.dtype)
+            video = self._vae_decode(x)
+            frames = self.pipe.video_processor.postprocess_video(video, output_type="np")
+        return to_uint8(frames)
+
+    def _vae_decode(self, latents: Any) -> Any:
+        raise NotImplementedError
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    """Float frames in [0, 1] (as diffusers' `output_type="np"` gives them) -> uint8."""
+    return np.clip(np.round(np.asarray(frames, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)

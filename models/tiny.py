@@ -1,0 +1,207 @@
+"""Tiny models of real architectures, built offline and deterministically.
+
+Each preset is a complete diffusers pipeline folder (model_index.json, safetensors, a tokenizer)
+written with `save_pretrained` and loaded back through the same `from_pretrained` path that real
+weights use. Weights are random from a fixed seed: the frames are not pictures, but every code
+path (tokenizer, text encoder, transformer, scheduler, VAE) is the real one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+DEFAULTS_FILE = "kinoray.json"
+# Bumped whenever a preset changes, so a cached build of an older preset is never reused.
+BUILDER_VERSION = 1
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KINORAY_CACHE", Path.home() / ".cache" / "kinoray")) / "models"
+
+
+def _byte_tokenizer(max_length: int) -> Any:
+    """A byte-level tokenizer made on the spot: any text encodes, nothing is downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=max_length,
+    )
+
+
+def _t5_config(cls_name: str, d_model: int, layers: int) -> Any:
+    import transformers
+
+    config_cls = transformers.UMT5Config if cls_name == "umt5" else transformers.T5Config
+    return config_cls(
+        vocab_size=3 + 256,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=layers,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+
+
+def _wan(scale: int) -> tuple[Any, dict[str, Any]]:
+    import torch
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5EncoderModel
+
+    torch.manual_seed(0)
+    text_encoder = UMT5EncoderModel(_t5_config("umt5", 32 * scale, 2))
+    torch.manual_seed(1)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2 * scale,
+        attention_head_dim=12 * scale,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32 * scale,
+        freq_dim=256,
+        ffn_dim=32 * scale * scale,
+        num_layers=2 * scale,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    torch.manual_seed(2)
+    vae = AutoencoderKLWan(
+        base_dim=3 * scale,
+        z_dim=16,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    )
+    # Wan 2.1's own scheduler setting (flow matching, shift 3.0 for 480p).
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+    )
+    pipe = WanPipeline(
+        tokenizer=_byte_tokenizer(512),
+        text_encoder=text_encoder,
+        transformer=transformer,
+        vae=vae,
+        scheduler=scheduler,
+    )
+    return pipe, {"guidance_scale": 5.0}
+
+
+def _cogvideox(scale: int) -> tuple[Any, dict[str, Any]]:
+    import torch
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
+    from transformers import T5EncoderModel
+
+    torch.manual_seed(0)
+    text_encoder = T5EncoderModel(_t5_config("t5", 32 * scale, 2))
+    torch.manual_seed(1)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=4,
+        attention_head_dim=8 * scale,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=2,
+        text_embed_dim=32 * scale,
+        num_layers=1 * scale,
+        sample_width=8,
+        sample_height=8,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=226,
+    )
+    torch.manual_seed(2)
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8 * scale,) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+    )
+    scheduler = CogVideoXDDIMScheduler(timestep_spacing="trailing")
+    pipe = CogVideoXPipeline(
+        tokenizer=_byte_tokenizer(226),
+        text_encoder=text_encoder,
+        transformer=transformer,
+        vae=vae,
+        scheduler=scheduler,
+    )
+    return pipe, {"guidance_scale": 6.0}
+
+
+# name -> (builder, scale, request defaults written beside the weights)
+PRESETS: dict[str, tuple[Callable[[int], tuple[Any, dict[str, Any]]], int, dict[str, Any]]] = {
+    "tiny-wan": (_wan, 1, {"height": 64, "width": 64, "num_frames": 9, "fps": 8, "num_inference_steps": 4}),
+    "tiny-cogvideox": (
+        _cogvideox,
+        1,
+        {"height": 64, "width": 64, "num_frames": 9, "fps": 8, "num_inference_steps": 4},
+    ),
+    # Heavy enough that every stage computes for tens of milliseconds on a CPU core,
+    # so benchmarks measure the system rather than Ray's fixed per-call costs.
+    "bench-wan": (_wan, 4, {"height": 96, "width": 96, "num_frames": 9, "fps": 8, "num_inference_steps": 8}),
+}
+
+DEFAULT_MODEL = "tiny-wan"
+
+
+def is_preset(name: str) -> bool:
+    return name in PRESETS
+
+
+def build(name: str, dest: Path) -> Path:
+    """Build preset `name` into `dest` (atomically: concurrent builders never see half a model)."""
+    builder, scale, defaults = PRESETS[name]
+    pipe, family_defaults = builder(scale)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=dest.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / DEFAULTS_FILE).write_text(json.dumps({"defaults": {**family_defaults, **defaults}}, indent=2))
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not (dest / "model_index.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def ensure(name: str) -> Path:
+    """The local folder of preset `name`, built on first use."""
+    dest = cache_dir() / f"{name}-v{BUILDER_VERSION}"
+    if not (dest / "model_index.json").exists():
+        build(name, dest)
+    return dest

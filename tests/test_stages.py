@@ -1,0 +1,118 @@
+"""The three stages, run one after another, give the monolithic diffusers pipeline's frames."""
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+
+from models.config import KinorayConfig
+from models.families.base import to_uint8
+from models.local import LocalPipeline
+from models.spec import ModelSpec
+from models.stages import Decoder, Denoiser, TextEncoder, requests_to_batch
+
+PROMPTS = [("a red fox in the snow", 11), ("surfing at sunset, wide shot", 2024), ("rain on a window", 7)]
+
+
+@pytest.fixture(scope="module", params=["tiny-wan", "tiny-cogvideox"])
+def local(request):
+    return LocalPipeline(KinorayConfig(model=ModelSpec(weights=request.param)))
+
+
+def reference(local, req):
+    """The family's own pipeline, called the way its model card shows, for one prompt."""
+    spec = local.config.model
+    cls = getattr(diffusers, local.encoder.adapter.pipeline_class)
+    pipe = cls.from_pretrained(spec.path)
+    pipe.set_progress_bar_config(disable=True)
+    frames = pipe(
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt,
+        height=req.height,
+        width=req.width,
+        num_frames=req.num_frames,
+        num_inference_steps=req.num_inference_steps,
+        guidance_scale=req.guidance_scale,
+        generator=torch.Generator().manual_seed(req.seed),
+        output_type="np",
+    ).frames
+    return to_uint8(frames)[0]
+
+
+def test_staged_equals_monolithic_for_a_batch_of_three(local):
+    reqs = [local.request(prompt=p, seed=s) for p, s in PROMPTS]
+    out = local.run(reqs)
+    assert list(out["error"]) == ["", "", ""]
+    refs = [reference(local, r) for r in reqs]
+    for i, ref in enumerate(refs):
+        got = out["frames"][i]
+        assert got.shape == (reqs[i].num_frames, reqs[i].height, reqs[i].width, 3)
+        assert got.dtype == np.uint8
+        # diffusers on CPU is not bitwise across batch sizes: allow one level of 255.
+        assert np.abs(got.astype(int) - ref.astype(int)).max() <= 1
+        # ... and each row matches its own prompt's reference, not a neighbour's.
+        for j, other in enumerate(refs):
+            if j != i:
+                assert np.abs(got.astype(int) - other.astype(int)).max() > 8
+
+
+def test_denoiser_batch_of_four_equals_four_batches_of_one(local):
+    reqs = [local.request(prompt=f"prompt number {i}", seed=100 + i) for i in range(4)]
+    embedded = local.encoder(requests_to_batch(reqs))
+    denoiser = local.denoiser
+    denoiser.max_batch_size = None
+    before = len(denoiser.batch_sizes)
+    together = denoiser(embedded)["latents"]
+    assert denoiser.batch_sizes[before:] == [4]
+    for i in range(4):
+        one = {k: v[i : i + 1] for k, v in embedded.items()}
+        alone = denoiser(one)["latents"][0]
+        # float32 matmuls of other batch sizes round differently: equal to ~1e-6 of the scale.
+        np.testing.assert_allclose(together[i], alone, rtol=1e-4, atol=1e-4)
+    assert denoiser.batch_sizes[before + 1 :] == [1, 1, 1, 1]
+
+
+def test_denoiser_groups_rows_by_shape(local):
+    reqs = [
+        local.request(prompt="a", seed=1),
+        local.request(prompt="b", seed=2, height=32, width=48, num_frames=17),
+        local.request(prompt="c", seed=3),
+    ]
+    out = local.run(reqs)
+    assert [f.shape for f in out["frames"]] == [(9, 64, 64, 3), (17, 32, 48, 3), (9, 64, 64, 3)]
+    # Same request alone gives the same frames as inside a mixed batch.
+    alone = local.run([reqs[1]])["frames"][0]
+    assert np.abs(alone.astype(int) - out["frames"][1].astype(int)).max() <= 1
+
+
+def test_text_encoder_caches_repeated_texts(local):
+    enc: TextEncoder = local.encoder
+    reqs = [local.request(prompt="the same prompt", seed=s) for s in range(3)]
+    hits = enc.cache_hits
+    out = enc(requests_to_batch(reqs))
+    # 6 texts (3 prompts + 3 negatives), 2 distinct: 4 come from the cache at least.
+    assert enc.cache_hits - hits >= 4
+    assert out["prompt_embeds"].shape[0] == 3
+    np.testing.assert_array_equal(out["prompt_embeds"][0], out["prompt_embeds"][2])
+
+
+def test_failed_rows_pass_through_every_stage(local):
+    reqs = [local.request(prompt="fine", seed=1), local.request(prompt="marked bad", seed=2)]
+    batch = requests_to_batch(reqs)
+    batch["error"] = np.array(["", "validation: bad"], dtype=object)
+    out = local.decoder(local.denoiser(local.encoder(batch)))
+    assert list(out["error"]) == ["", "validation: bad"]
+    assert out["frames"][0].shape[0] == 9 and out["frames"][1].size == 0
+
+
+def test_stages_load_only_their_own_components():
+    spec = ModelSpec(weights="tiny-wan")
+    loaded = {
+        cls.__name__: {k for k, v in cls(spec).adapter.pipe.components.items() if v is not None}
+        for cls in (TextEncoder, Denoiser, Decoder)
+    }
+    assert loaded == {
+        "TextEncoder": {"tokenizer", "text_encoder"},
+        "Denoiser": {"transformer", "scheduler"},
+        "Decoder": {"vae"},
+    }
