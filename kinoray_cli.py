@@ -79,9 +79,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_batch(args: argparse.Namespace) -> int:
     from pipelines.job import run_job
+    from pipelines.table import InputError
 
     config = _load_config(args)
-    summary = run_job(args.prompts, args.output, config, ray_address=args.address, num_cpus=args.num_cpus)
+    try:
+        summary = run_job(args.prompts, args.output, config, ray_address=args.address, num_cpus=args.num_cpus)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(summary.render())
     return 0 if summary.failed == 0 else 3
 

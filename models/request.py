@@ -200,19 +200,18 @@ def build_request(
         values.setdefault(name, value)
     if "prompt" not in values:
         raise RequestError("prompt: field required", "prompt")
-    digest = content_hash(values) if isinstance(values.get("prompt"), str) else None
-    if "id" not in values:
-        if digest is None:
-            raise RequestError("prompt: input should be a valid string", "prompt")
-        values["id"] = digest[:16]
-    elif not isinstance(values["id"], str):
+    if "id" in values and not isinstance(values["id"], str):
         values["id"] = str(values["id"])
-    if "seed" not in values:
-        values["seed"] = int(digest[16:31], 16) if digest else 0
+    # Validate first, then derive id and seed from the validated content: "64" in a CSV and 64
+    # in a JSONL file are the same request and get the same id and seed.
+    placeholders = {"id": "pending", "seed": 0}
     try:
-        return GenerationRequest.model_validate(values, context={"limits": limits})
+        req = GenerationRequest.model_validate({**placeholders, **values}, context={"limits": limits})
     except ValidationError as exc:
         raise RequestError.from_validation(exc) from None
+    digest = content_hash(req.model_dump())
+    derived = {"id": digest[:16], "seed": int(digest[16:31], 16)}
+    return req.model_copy(update={k: v for k, v in derived.items() if k not in values})
 
 
 def _missing(v: Any) -> bool:
