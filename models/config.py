@@ -56,8 +56,14 @@ class ServeConfig(BaseModel):
     api_keys: list[str] = Field(default_factory=list, description="bearer tokens; empty means no auth")
     host: str = "127.0.0.1"
     port: int = 8000
-    max_queued_requests: int = Field(default=64, ge=1)
-    job_deadline_s: float = Field(default=3600.0, gt=0)
+    model_aliases: list[str] = Field(
+        default_factory=lambda: ["sora-2", "sora-2-pro"],
+        description="other model names accepted for the served model, so existing client code runs unchanged",
+    )
+    max_queued_requests: int = Field(default=64, ge=1, description="video jobs in flight per ingress replica")
+    retry_after_s: int = Field(default=5, ge=1, description="Retry-After of a 429")
+    job_deadline_s: float = Field(default=3600.0, gt=0, description="a job not finished by then ends failed")
+    ingress_replicas: int = Field(default=1, ge=1)
 
 
 class KinorayConfig(BaseModel):

@@ -1,0 +1,160 @@
+"""The HTTP surface: OpenAI's Videos API shapes, its error body, auth, and request parsing.
+
+Kept free of Ray so the shapes and the parsing can be tested and reused on their own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from models.request import GenerationRequest, RequestDefaults, RequestError, RequestLimits, build_request
+
+MAX_BODY_BYTES = 1 << 20
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {message, type, param, code}}."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+class VideoCreateBody(BaseModel):
+    """`POST /v1/videos`: OpenAI's fields, then kinoray's (sent as `extra_body` by the openai client)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    model: str | None = None
+    seconds: float | None = Field(default=None, gt=0, le=600, description="clip length; sets num_frames")
+    size: str | None = Field(default=None, description="WIDTHxHEIGHT, e.g. 832x480")
+    input_reference: Any | None = None
+    # kinoray's own
+    seed: int | None = None
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    fps: int | None = None
+    num_frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+
+
+async def read_body(request: Request) -> dict[str, Any]:
+    """JSON, multipart form (what the openai client sends) or urlencoded form -> a dict."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+        raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
+    if ctype == "application/json":
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "request body must be a JSON object", code="invalid_json")
+        return data
+    if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        try:
+            form = await request.form(max_files=1, max_fields=64)
+        except Exception as exc:
+            raise APIError(400, f"cannot parse form body: {exc}", code="invalid_form") from None
+        data: dict[str, Any] = {}
+        for key, value in form.multi_items():
+            data[key] = value if isinstance(value, str) else "<file>"
+        return data
+    raise APIError(
+        415,
+        f"unsupported content type {ctype or 'none'!r}; send application/json or multipart/form-data",
+        code="unsupported_media_type",
+    )
+
+
+def parse_create(
+    data: dict[str, Any],
+    served_models: list[str],
+    defaults: RequestDefaults,
+    limits: RequestLimits,
+    job_id: str,
+) -> tuple[GenerationRequest, str]:
+    """Body -> (a validated request, the model name to report)."""
+    try:
+        body = VideoCreateBody.model_validate(data)
+    except ValidationError as exc:
+        err = RequestError.from_validation(exc)
+        raise APIError(400, str(err), param=err.field, code="invalid_value") from None
+    if body.input_reference is not None:
+        raise APIError(400, "input_reference is not supported by this model", param="input_reference")
+    model = body.model or served_models[0]
+    if model not in served_models:
+        raise APIError(
+            404,
+            f"model {model!r} is not served here; available: {', '.join(served_models)}",
+            param="model",
+            code="model_not_found",
+        )
+    fields: dict[str, Any] = {
+        k: getattr(body, k)
+        for k in (
+            "negative_prompt",
+            "num_inference_steps",
+            "guidance_scale",
+            "fps",
+            "num_frames",
+            "height",
+            "width",
+        )
+        if getattr(body, k) is not None
+    }
+    if body.size is not None:
+        try:
+            w, h = (int(x) for x in body.size.lower().split("x"))
+        except ValueError:
+            raise APIError(400, f"size must look like 832x480 (got {body.size!r})", param="size") from None
+        fields.setdefault("width", w)
+        fields.setdefault("height", h)
+    if body.seconds is not None and "num_frames" not in fields:
+        fps = fields.get("fps", defaults.fps)
+        # The nearest frame count the VAE takes: 1 + k * frame_step.
+        k = max(0, math.floor(body.seconds * fps / limits.frame_step + 0.5))
+        fields["num_frames"] = 1 + k * limits.frame_step
+    fields["seed"] = body.seed if body.seed is not None else secrets.randbelow(2**31)
+    try:
+        req = build_request({"id": job_id, "prompt": body.prompt, **fields}, defaults, limits)
+    except RequestError as exc:
+        raise APIError(400, str(exc), param=exc.field, code="invalid_value") from None
+    return req, model
+
+
+def check_auth(request: Request, api_keys: list[str]) -> None:
+    if not api_keys:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise APIError(401, "missing bearer token in the Authorization header", code="invalid_api_key")
+    if not any(secrets.compare_digest(token.strip(), k) for k in api_keys):
+        raise APIError(401, "incorrect API key provided", code="invalid_api_key")

@@ -1,0 +1,67 @@
+"""The Serve application: `deployments.app:app` (config from $KINORAY_CONFIG or defaults), or
+`deployments.app:build_app` with `args: {config: {...}}` (how a RayService passes the config)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from deployments.ingress import Ingress
+from deployments.stages import DecoderDeployment, DenoiserDeployment, EncoderDeployment
+from models.config import KinorayConfig, StageConfig
+
+
+def _options(name: str, stage: StageConfig) -> dict[str, Any]:
+    actor: dict[str, Any] = {"num_cpus": stage.num_cpus}
+    if stage.num_gpus:
+        actor["num_gpus"] = stage.num_gpus
+    if stage.memory_gb:
+        actor["memory"] = stage.memory_gb * 1024**3
+    return {
+        "name": name,
+        "ray_actor_options": actor,
+        "max_ongoing_requests": stage.max_ongoing_requests,
+        "autoscaling_config": {
+            "min_replicas": stage.min_replicas,
+            "initial_replicas": max(1, stage.min_replicas),
+            "max_replicas": stage.max_replicas,
+            "target_ongoing_requests": stage.target_ongoing_requests,
+        },
+    }
+
+
+def build(config: KinorayConfig) -> Application:
+    model = config.model.model_dump()
+    encoder = (
+        serve.deployment(EncoderDeployment)
+        .options(**_options("encoder", config.encoder))
+        .bind(model, config.encoder.batch_size, config.encoder.batch_wait_timeout_s)
+    )
+    denoiser = (
+        serve.deployment(DenoiserDeployment)
+        .options(**_options("denoiser", config.denoiser))
+        .bind(model, config.serve.storage, config.denoiser.batch_size, config.denoiser.batch_wait_timeout_s)
+    )
+    decoder = (
+        serve.deployment(DecoderDeployment)
+        .options(**_options("decoder", config.decoder))
+        .bind(model, config.decoder.batch_size, config.decoder.batch_wait_timeout_s)
+    )
+    return Ingress.options(
+        num_replicas=config.serve.ingress_replicas, ray_actor_options={"num_cpus": 0.25}
+    ).bind(config.model_dump(mode="json"), encoder, denoiser, decoder)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Application builder for `serve run` / serveConfigV2: args `config` (a dict) or `config_path`."""
+    if "config" in args:
+        config = KinorayConfig.model_validate(args["config"])
+    else:
+        config = KinorayConfig.load(args.get("config_path") or os.environ.get("KINORAY_CONFIG"))
+    return build(config)
+
+
+app = build_app({})

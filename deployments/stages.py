@@ -1,0 +1,112 @@
+"""The three stages as Serve deployments, each batching concurrent requests with `@serve.batch`.
+
+They wrap the same stage classes the bulk job runs, one row (a dict of plain values and numpy
+arrays) per request; the denoiser reports step progress to the job store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from models.stages import Batch, Decoder, Denoiser, TextEncoder, batch_len, object_column
+from models.video import encode_video, video_suffix
+
+Row = dict[str, Any]
+
+
+def rows_to_batch(rows: list[Row]) -> Batch:
+    batch: Batch = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        if isinstance(values[0], np.ndarray):
+            batch[key] = object_column(values)
+        else:
+            batch[key] = np.array(values, dtype=object if isinstance(values[0], str) else None)
+    return batch
+
+
+def batch_to_rows(batch: Batch) -> list[Row]:
+    n = batch_len(batch)
+    return [
+        {k: (v[i].item() if isinstance(v[i], np.generic) else v[i]) for k, v in batch.items()}
+        for i in range(n)
+    ]
+
+
+class _BatchedStage:
+    def __init__(self, batch_size: int, batch_wait_timeout_s: float):
+        self.run.set_max_batch_size(batch_size)
+        self.run.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.batch_sizes: list[int] = []
+
+    def process(self, batch: Batch) -> Batch:
+        raise NotImplementedError
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def run(self, rows: list[Row]) -> list[Row]:
+        self.batch_sizes.append(len(rows))
+        # The model runs in a thread: the replica keeps accepting requests into the next batch.
+        out = await asyncio.to_thread(self.process, rows_to_batch(rows))
+        return batch_to_rows(out)
+
+    async def __call__(self, row: Row) -> Row:
+        return await self.run(row)
+
+    def get_batch_sizes(self) -> list[int]:
+        return list(self.batch_sizes)
+
+
+class EncoderDeployment(_BatchedStage):
+    def __init__(self, model: dict[str, Any], batch_size: int = 8, batch_wait_timeout_s: float = 0.05):
+        super().__init__(batch_size, batch_wait_timeout_s)
+        self.stage = TextEncoder(model)
+
+    def process(self, batch: Batch) -> Batch:
+        return self.stage(batch)
+
+
+class DenoiserDeployment(_BatchedStage):
+    def __init__(
+        self, model: dict[str, Any], storage: str, batch_size: int = 4, batch_wait_timeout_s: float = 0.05
+    ):
+        from deployments.store import JobStore
+
+        super().__init__(batch_size, batch_wait_timeout_s)
+        self.stage = Denoiser(model, max_batch_size=batch_size)
+        self.store = JobStore(storage)
+
+    def _progress(self, ids: list[str], done: int, total: int) -> None:
+        # Denoising is ~90% of a job: steps map to 5..90%, decoding and storing to the rest.
+        percent = 5 + int(85 * done / total)
+        for job_id in ids:
+            self.store.set_progress(job_id, percent)
+
+    def process(self, batch: Batch) -> Batch:
+        return self.stage(batch, on_step=self._progress)
+
+
+class DecoderDeployment(_BatchedStage):
+    """Decodes, then encodes the MP4 here, so megabytes rather than raw frames travel onwards."""
+
+    def __init__(self, model: dict[str, Any], batch_size: int = 4, batch_wait_timeout_s: float = 0.05):
+        super().__init__(batch_size, batch_wait_timeout_s)
+        self.stage = Decoder(model, max_batch_size=batch_size)
+
+    def process(self, batch: Batch) -> Batch:
+        out = self.stage(batch)
+        files, suffixes = [], []
+        for i in range(batch_len(out)):
+            if out["error"][i]:
+                files.append(b"")
+                suffixes.append("")
+                continue
+            files.append(encode_video(out["frames"][i], int(out["fps"][i])))
+            suffixes.append(video_suffix(int(out["num_frames"][i])))
+        del out["frames"]
+        out["video"] = np.array(files, dtype=object)
+        out["suffix"] = np.array(suffixes, dtype=object)
+        return out
