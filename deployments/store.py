@@ -52,7 +52,8 @@ class JobRecord(BaseModel):
 
 
 def new_job_id() -> str:
-    return f"video_{uuid.uuid4().hex}"
+    # Time first (like a ULID): ids sort in creation order, which listing pages rely on.
+    return f"video_{time.time_ns():016x}{uuid.uuid4().hex[:16]}"
 
 
 class JobStore:
@@ -109,7 +110,7 @@ class JobStore:
             rec = self.get(job_id)
             if rec is not None:
                 records.append(rec)
-        return sorted(records, key=lambda r: (r.created_at, r.id))
+        return sorted(records, key=lambda r: r.id)
 
     def delete(self, job_id: str) -> bool:
         found = False
