@@ -22,7 +22,7 @@ $(BIN)/.installed: pyproject.toml
 
 run: install
 	$(BIN)/kinoray batch examples/prompts.jsonl --output $(OUT)/run --config examples/job.yaml
-	@echo "videos and manifest.parquet are in $(OUT)/run"
+	@echo "outputs: $(OUT)/run/videos/ (one file per row) and $(OUT)/run/manifest/ (Parquet)"
 
 test: install
 	$(BIN)/python -m pytest -q -ra
