@@ -20,6 +20,8 @@ def _options(name: str, stage: StageConfig) -> dict[str, Any]:
         actor["num_gpus"] = stage.num_gpus
     if stage.memory_gb:
         actor["memory"] = stage.memory_gb * 1024**3
+    if stage.resources:
+        actor["resources"] = dict(stage.resources)
     return {
         "name": name,
         "ray_actor_options": actor,

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 
 from deployments.api import APIError, check_auth, parse_create, read_body
 from deployments.store import JobError, JobRecord, JobStore, new_job_id
+from models import telemetry
 from models.config import KinorayConfig
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,8 @@ class Ingress:
         self.store.put(record)
         task = asyncio.get_running_loop().create_task(self._run(record))
         self.jobs[job_id] = task
-        task.add_done_callback(lambda _: self.jobs.pop(job_id, None))
+        telemetry.set_gauge("kinoray_jobs_in_flight", len(self.jobs))
+        task.add_done_callback(lambda _: self._done(job_id))
         return JSONResponse(record.public())
 
     @api.get("/v1/videos", dependencies=[Depends(auth)])
@@ -185,6 +187,10 @@ class Ingress:
 
     # -- the job -----------------------------------------------------------------------------
 
+    def _done(self, job_id: str) -> None:
+        self.jobs.pop(job_id, None)
+        telemetry.set_gauge("kinoray_jobs_in_flight", len(self.jobs))
+
     def _get(self, video_id: str) -> JobRecord:
         record = self.store.get(video_id) if self.store.valid_id(video_id) else None
         if record is None:
@@ -217,6 +223,8 @@ class Ingress:
             return
         self.store.put_video(record.id, result["video"], result["suffix"])
         self.store.update(record.id, status="completed", progress=100, completed_at=int(time.time()))
+        telemetry.inc("kinoray_videos_total", frontend="online")
+        telemetry.inc("kinoray_frames_total", int(record.request["num_frames"]), frontend="online")
 
     async def _generate(self, row: dict[str, Any]) -> dict[str, Any]:
         for attempt in range(1, ATTEMPTS + 1):
@@ -235,3 +243,4 @@ class Ingress:
 
     def _fail(self, job_id: str, code: str, message: str) -> None:
         self.store.update(job_id, status="failed", error=JobError(code=code, message=message))
+        telemetry.inc("kinoray_errors_total", stage="job", reason=code)

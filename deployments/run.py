@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from models.config import KinorayConfig
@@ -13,12 +14,12 @@ def serve_forever(config: KinorayConfig, address: str | None = None) -> None:
 
     from deployments.app import build
 
-    if address:
+    if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address)
     else:
         stages = (config.encoder, config.denoiser, config.decoder)
         need = int(sum(s.num_cpus * max(1, s.min_replicas) for s in stages) + 2)
-        ray.init(num_cpus=need, include_dashboard=False)
+        ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
     serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
     serve.run(build(config), name="kinoray", route_prefix="/")
     print(

@@ -20,6 +20,10 @@ class StageConfig(BaseModel):
     num_cpus: float = Field(default=1.0, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
     memory_gb: float | None = Field(default=None, gt=0, description="memory reserved per replica")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources, e.g. to pin a stage to a KubeRay worker group",
+    )
     batch_size: int = Field(default=4, ge=1, description="rows per call")
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=1, ge=1)

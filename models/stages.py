@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from models import telemetry
 from models.families import FamilyAdapter, Stage, load_adapter
 from models.request import GenerationRequest
 from models.spec import ModelSpec
@@ -140,6 +141,7 @@ class TextEncoder(_StageBase):
         prompts = [str(batch["prompt"][i]) for i in todo]
         negatives = [str(batch["negative_prompt"][i]) for i in todo]
         pos, neg = [None] * n, [None] * n
+        telemetry.set_gauge("kinoray_in_flight", len(todo), stage="encode")
         try:
             embeds = self.embed(prompts + negatives)
             for k, i in enumerate(todo):
@@ -148,6 +150,11 @@ class TextEncoder(_StageBase):
             log.exception("text encoder failed")
             for i in todo:
                 errors[i] = f"encode failed: {type(exc).__name__}: {exc}"
+        telemetry.set_gauge("kinoray_in_flight", 0, stage="encode")
+        if todo:
+            telemetry.record_stage(
+                "encode", time.perf_counter() - start, len(todo), [errors[i] for i in todo if errors[i]]
+            )
         template = next((p for p in pos if p is not None), np.zeros((0, 0), np.float32))
         empty = np.zeros_like(template)
         out = dict(batch)
@@ -201,6 +208,7 @@ class Denoiser(_StageBase):
         ids = [str(batch["id"][i]) for i in chunk]
         progress = (lambda done, total: on_step(ids, done, total)) if on_step else None
         start = time.perf_counter()
+        telemetry.set_gauge("kinoray_in_flight", len(chunk), stage="denoise")
         try:
             out = self.adapter.denoise(
                 np.stack([batch["prompt_embeds"][i] for i in chunk]),
@@ -220,9 +228,15 @@ class Denoiser(_StageBase):
                 return
             log.exception("denoiser failed for %s", ids)
             errors[chunk[0]] = f"denoise failed: {type(exc).__name__}: {exc}"
+            telemetry.record_stage("denoise", time.perf_counter() - start, 1, [errors[chunk[0]]])
             return
+        finally:
+            telemetry.set_gauge("kinoray_in_flight", 0, stage="denoise")
+        elapsed = time.perf_counter() - start
         self.batch_sizes.append(len(chunk))
-        share = (time.perf_counter() - start) / len(chunk)
+        telemetry.record_stage("denoise", elapsed, len(chunk), [])
+        telemetry.inc("kinoray_denoise_steps_total", int(steps) * len(chunk))
+        share = elapsed / len(chunk)
         for k, i in enumerate(chunk):
             latents[i] = out[k]
             seconds[i] = share
@@ -248,14 +262,22 @@ class Decoder(_StageBase):
         for _, idx in _groups(keys, errors == "").items():
             for chunk in _chunks(idx, self.max_batch_size):
                 start = time.perf_counter()
+                telemetry.set_gauge("kinoray_in_flight", len(chunk), stage="decode")
                 try:
                     out = self.adapter.decode(np.stack([batch["latents"][i] for i in chunk]))
                 except Exception as exc:
                     log.exception("decoder failed")
                     for i in chunk:
                         errors[i] = f"decode failed: {type(exc).__name__}: {exc}"
+                    telemetry.record_stage(
+                        "decode", time.perf_counter() - start, len(chunk), [errors[i] for i in chunk]
+                    )
                     continue
-                share = (time.perf_counter() - start) / len(chunk)
+                finally:
+                    telemetry.set_gauge("kinoray_in_flight", 0, stage="decode")
+                elapsed = time.perf_counter() - start
+                telemetry.record_stage("decode", elapsed, len(chunk), [])
+                share = elapsed / len(chunk)
                 for k, i in enumerate(chunk):
                     frames[i] = out[k]
                     seconds[i] = share

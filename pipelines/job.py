@@ -15,6 +15,7 @@ from models.config import KinorayConfig, StageConfig
 from models.request import ID_PATTERN, RequestError, build_request
 from models.stages import Decoder, Denoiser, TextEncoder
 from pipelines import manifest
+from pipelines.progress import JobMetrics
 from pipelines.table import ERROR_KEY, read_prompt_table
 from pipelines.writer import write_videos
 
@@ -122,6 +123,8 @@ def _pool(stage: StageConfig) -> dict[str, Any]:
         args["num_gpus"] = stage.num_gpus
     if stage.memory_gb:
         args["memory"] = stage.memory_gb * 1024**3
+    if stage.resources:
+        args["resources"] = dict(stage.resources)
     return args
 
 
@@ -161,8 +164,8 @@ def _init_ray(config: KinorayConfig, address: str | None, num_cpus: int | None) 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     if ray.is_initialized():
         return
-    if address:
-        ray.init(address=address)
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address)  # an existing cluster (a RayJob sets RAY_ADDRESS)
         return
     # A local cluster gets enough logical CPUs for one actor per stage plus the writers.
     stages = (config.encoder, config.denoiser, config.decoder)
@@ -187,28 +190,51 @@ def run_job(
     run = _run_id()
     summary = JobSummary(output=output, run=run, total=len(rows))
     todo, failed, summary.skipped = plan_rows(rows, config, manifest.done_ids(output))
+    metrics = JobMetrics(run, len(rows), config.batch.metrics_port, config.batch.pushgateway)
+    metrics.add("skipped", summary.skipped)
     if failed:
         manifest.write_part(output, manifest.to_table(failed), run)
         summary.failed += len(failed)
-    if todo:
-        _init_ray(config, ray_address, num_cpus)
-        ds = build_dataset(todo, config, output, run)
-        bar = _progress_bar(len(todo), progress)
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            table = batch.select(manifest.SCHEMA.names).cast(manifest.SCHEMA)
-            manifest.write_part(output, table, run)
-            for r in table.select(["status", "encode_s", "denoise_s", "decode_s", "write_s"]).to_pylist():
-                summary.ok += r["status"] == "ok"
-                summary.failed += r["status"] != "ok"
-                for stage in summary.busy_s:
-                    summary.busy_s[stage] += r[f"{stage}_s"] or 0.0
-            if bar is not None:
-                bar.update(table.num_rows)
-        if bar is not None:
-            bar.close()
+        metrics.add("failed", len(failed))
+    try:
+        _generate(todo, config, output, run, summary, metrics, ray_address, num_cpus, progress)
+    finally:
+        metrics.finish()
     manifest.compact(output, run)
     summary.wall_s = time.perf_counter() - start
     return summary
+
+
+def _generate(
+    todo: list[dict[str, Any]],
+    config: KinorayConfig,
+    output: str,
+    run: str,
+    summary: JobSummary,
+    metrics: JobMetrics,
+    ray_address: str | None,
+    num_cpus: int | None,
+    progress: bool,
+) -> None:
+    if not todo:
+        return
+    _init_ray(config, ray_address, num_cpus)
+    bar = _progress_bar(len(todo), progress)
+    for batch in build_dataset(todo, config, output, run).iter_batches(
+        batch_size=None, batch_format="pyarrow"
+    ):
+        table = batch.select(manifest.SCHEMA.names).cast(manifest.SCHEMA)
+        manifest.write_part(output, table, run)
+        for r in table.select(["status", "encode_s", "denoise_s", "decode_s", "write_s"]).to_pylist():
+            summary.ok += r["status"] == "ok"
+            summary.failed += r["status"] != "ok"
+            metrics.add(r["status"])
+            for stage in summary.busy_s:
+                summary.busy_s[stage] += r[f"{stage}_s"] or 0.0
+        if bar is not None:
+            bar.update(table.num_rows)
+    if bar is not None:
+        bar.close()
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:

@@ -9,6 +9,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
+from models import telemetry
 from models.video import encode_video, video_suffix
 from pipelines.manifest import SCHEMA, VIDEOS_DIR, join
 
@@ -44,6 +45,10 @@ def write_videos(batch: dict[str, np.ndarray], output: str, run: str) -> dict[st
             except Exception as exc:
                 error, path = f"write failed: {type(exc).__name__}: {exc}", None
             seconds = time.perf_counter() - start
+            telemetry.record_stage("write", seconds, 1, [error] if error else [])
+            if not error:
+                telemetry.inc("kinoray_videos_total", frontend="bulk")
+                telemetry.inc("kinoray_frames_total", int(batch["num_frames"][i]), frontend="bulk")
         out["output"].append(path)
         out["status"].append("failed" if error else "ok")
         out["error"].append(error or None)
