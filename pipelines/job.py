@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -182,8 +183,12 @@ def run_job(
     ray_address: str | None = None,
     num_cpus: int | None = None,
     progress: bool = True,
+    on_rows: Callable[[int], None] | None = None,
 ) -> JobSummary:
-    """Generate every row of `prompts` not already done in `output`; see the summary for counts."""
+    """Generate every row of `prompts` not already done in `output`; see the summary for counts.
+
+    `on_rows(n)` is called as each batch of `n` finished rows reaches the driver.
+    """
     config = config or KinorayConfig()
     start = time.perf_counter()
     rows = read_prompt_table(prompts)  # a bad file fails here, before any model is loaded
@@ -197,7 +202,7 @@ def run_job(
         summary.failed += len(failed)
         metrics.add("failed", len(failed))
     try:
-        _generate(todo, config, output, run, summary, metrics, ray_address, num_cpus, progress)
+        _generate(todo, config, output, run, summary, metrics, ray_address, num_cpus, progress, on_rows)
     finally:
         metrics.finish()
     manifest.compact(output, run)
@@ -215,6 +220,7 @@ def _generate(
     ray_address: str | None,
     num_cpus: int | None,
     progress: bool,
+    on_rows: Callable[[int], None] | None,
 ) -> None:
     if not todo:
         return
@@ -233,6 +239,8 @@ def _generate(
                 summary.busy_s[stage] += r[f"{stage}_s"] or 0.0
         if bar is not None:
             bar.update(table.num_rows)
+        if on_rows is not None:
+            on_rows(table.num_rows)
     if bar is not None:
         bar.close()
 

@@ -1,0 +1,326 @@
+"""`kinoray bench`: kinoray against the ways people generate videos in bulk today.
+
+Side by side, in one process tree, on the same model and prompts:
+  (a) the diffusers pipeline called in a loop, one prompt at a time;
+  (b) one Ray Data `map_batches` stage holding the whole pipeline per actor;
+  (c) kinoray's three-stage bulk job.
+Each writes the same MP4 files. Throughput is measured in steady state: from the first finished
+video to the last, so process and model start-up (paid once per job) is reported apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.config import KinorayConfig, StageConfig
+from models.spec import ModelSpec
+
+BENCH_MODEL = "bench-wan"
+
+
+class PeakMemory:
+    """Peak summed RSS of this process and all its descendants (Ray's workers included)."""
+
+    def __init__(self, interval: float = 0.1):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        total = 0
+        for p in [self.proc, *self.proc.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except Exception:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class Clock:
+    """Completion times of videos, for start-up and steady-state throughput."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.done: list[tuple[float, int]] = []
+
+    def finished(self, n: int = 1) -> None:
+        self.done.append((time.perf_counter(), n))
+
+    def result(self, name: str, peak: int) -> dict[str, Any]:
+        total = sum(n for _, n in self.done)
+        (t_first, n_first), t_last = self.done[0], self.done[-1][0]
+        steady_n = total - n_first
+        steady_s = t_last - t_first
+        return {
+            "name": name,
+            "videos": total,
+            "wall_s": round(t_last - self.start, 3),
+            "first_video_s": round(t_first - self.start, 3),
+            "steady_videos": steady_n,
+            "steady_s": round(steady_s, 3),
+            "videos_per_minute": round(60.0 * steady_n / steady_s, 2) if steady_s > 0 else None,
+            "peak_memory_gb": round(peak / 1024**3, 2),
+        }
+
+
+def _requests(config: KinorayConfig, rows: int) -> list[dict[str, Any]]:
+    from models.request import build_request
+
+    defaults, limits = config.request_defaults(), config.request_limits()
+    return [
+        build_request({"prompt": f"benchmark prompt {i}: a slow pan over a city at dusk", "seed": i}, defaults, limits).model_dump()
+        for i in range(rows)
+    ]
+
+
+def _write(out: Path, rid: str, frames: np.ndarray, fps: int) -> None:
+    from models.video import encode_video
+
+    (out / f"{rid}.mp4").write_bytes(encode_video(frames, fps))
+
+
+def bare_compute(config: KinorayConfig, reqs: list[dict[str, Any]]) -> dict[str, float]:
+    """Seconds each stage computes for the work, in this process with the job's batch sizes."""
+    from models.local import LocalPipeline
+    from models.request import GenerationRequest
+    from models.stages import requests_to_batch
+
+    local = LocalPipeline(config)
+    objs = [GenerationRequest(**r) for r in reqs]
+    local.run(objs[:1])  # warm-up
+    local.encoder._cache.clear()
+    busy = {"encode": 0.0, "denoise": 0.0, "decode": 0.0}
+    size = config.denoiser.batch_size
+    for i in range(0, len(objs), size):
+        t0 = time.perf_counter()
+        b = local.encoder(requests_to_batch(objs[i : i + size]))
+        t1 = time.perf_counter()
+        b = local.denoiser(b)
+        t2 = time.perf_counter()
+        local.decoder(b)
+        t3 = time.perf_counter()
+        busy["encode"] += t1 - t0
+        busy["denoise"] += t2 - t1
+        busy["decode"] += t3 - t2
+    return busy
+
+
+def diffusers_loop(config: KinorayConfig, reqs: list[dict[str, Any]], out: Path) -> dict[str, Any]:
+    """(a) What most users write: load the pipeline, call it once per prompt, save the file."""
+    import diffusers
+    import torch
+
+    from models.families import adapter_class
+    from models.families.base import to_uint8
+
+    spec = config.model
+    with PeakMemory() as mem:
+        clock = Clock()
+        cls = getattr(diffusers, adapter_class(spec).pipeline_class)
+        pipe = cls.from_pretrained(spec.path, dtype=spec.torch_dtype()).to(spec.torch_device())
+        pipe.set_progress_bar_config(disable=True)
+
+        def call(r: dict[str, Any]) -> np.ndarray:
+            frames = pipe(
+                prompt=r["prompt"],
+                negative_prompt=r["negative_prompt"],
+                height=r["height"],
+                width=r["width"],
+                num_frames=r["num_frames"],
+                num_inference_steps=r["num_inference_steps"],
+                guidance_scale=r["guidance_scale"],
+                generator=torch.Generator().manual_seed(r["seed"]),
+                output_type="np",
+            ).frames
+            return to_uint8(frames)[0]
+
+        for r in reqs:
+            _write(out, r["id"], call(r), r["fps"])
+            clock.finished()
+    return clock.result("diffusers loop", mem.peak)
+
+
+class WholePipeline:
+    """(b) The usual Ray Data example: one actor holds the whole diffusers pipeline."""
+
+    def __init__(self, model: dict[str, Any], out: str):
+        import diffusers
+
+        from models.families import adapter_class
+
+        spec = ModelSpec(**model)
+        cls = getattr(diffusers, adapter_class(spec).pipeline_class)
+        self.pipe = cls.from_pretrained(spec.path, dtype=spec.torch_dtype()).to(spec.torch_device())
+        self.pipe.set_progress_bar_config(disable=True)
+        self.out = Path(out)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from models.families.base import to_uint8
+
+        frames = self.pipe(
+            prompt=list(batch["prompt"]),
+            negative_prompt=list(batch["negative_prompt"]),
+            height=int(batch["height"][0]),
+            width=int(batch["width"][0]),
+            num_frames=int(batch["num_frames"][0]),
+            num_inference_steps=int(batch["num_inference_steps"][0]),
+            guidance_scale=float(batch["guidance_scale"][0]),
+            generator=[torch.Generator().manual_seed(int(s)) for s in batch["seed"]],
+            output_type="np",
+        ).frames
+        for rid, f, fps in zip(batch["id"], to_uint8(frames), batch["fps"]):
+            _write(self.out, str(rid), f, int(fps))
+        return {"id": batch["id"]}
+
+
+def ray_one_stage(config: KinorayConfig, reqs: list[dict[str, Any]], out: Path, cpus: float) -> dict[str, Any]:
+    import ray.data
+
+    with PeakMemory() as mem:
+        clock = Clock()
+        ds = ray.data.from_items(reqs, override_num_blocks=max(1, len(reqs) // config.denoiser.batch_size))
+        ds = ds.map_batches(
+            WholePipeline,
+            fn_constructor_kwargs={"model": config.model.model_dump(), "out": str(out)},
+            batch_size=config.denoiser.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=cpus,
+            batch_format="numpy",
+        )
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            clock.finished(len(batch["id"]))
+    return clock.result("Ray Data, one stage", mem.peak)
+
+
+def kinoray_job(config: KinorayConfig, reqs: list[dict[str, Any]], out: Path) -> tuple[dict[str, Any], Any]:
+    from pipelines.job import run_job
+
+    table = out.parent / f"{out.name}-prompts.jsonl"
+    table.write_text("".join(json.dumps(r) + "\n" for r in reqs))
+    with PeakMemory() as mem:
+        clock = Clock()
+        summary = run_job(str(table), str(out), config, progress=False, on_rows=clock.finished)
+    return clock.result("kinoray, three stages", mem.peak), summary
+
+
+def bench_config(model: str, device: str | None) -> KinorayConfig:
+    """kinoray on this machine: the denoiser, ~2/3 of the compute, gets a thread per core."""
+    gpu = device is not None and device.startswith("cuda")
+    cores = os.cpu_count() or 2
+    return KinorayConfig(
+        model=ModelSpec(weights=model, device=device or "auto"),
+        encoder=StageConfig(num_cpus=0 if gpu else 0.5, num_gpus=0.1 if gpu else 0, batch_size=4),
+        denoiser=StageConfig(num_cpus=0 if gpu else cores, num_gpus=0.8 if gpu else 0, batch_size=4),
+        decoder=StageConfig(num_cpus=0 if gpu else 1, num_gpus=0.1 if gpu else 0, batch_size=4),
+    )
+
+
+def run(model: str, rows: int, out_dir: Path, device: str | None = None) -> dict[str, Any]:
+    import ray
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = bench_config(model, device)
+    reqs = _requests(config, rows)
+    work = out_dir / "videos"
+    shutil.rmtree(work, ignore_errors=True)
+    for sub in ("a", "b"):
+        (work / sub).mkdir(parents=True)
+
+    bare = bare_compute(config, reqs)
+    a = diffusers_loop(config, reqs, work / "a")
+    cores = os.cpu_count() or 2
+    ray.init(num_cpus=cores + 2, num_gpus=1 if device and device.startswith("cuda") else 0, include_dashboard=False, log_to_driver=False)
+    try:
+        b = ray_one_stage(config, reqs, work / "b", cpus=cores)
+        c, summary = kinoray_job(config, reqs, work / "c")
+    finally:
+        ray.shutdown()
+
+    bare_total = sum(bare.values())
+    steady_share = c["steady_videos"] / rows
+    result = {
+        "model": model,
+        "rows": rows,
+        "cores": cores,
+        "shape": {k: reqs[0][k] for k in ("height", "width", "num_frames", "num_inference_steps")},
+        "bare_stage_compute_s": {k: round(v, 3) for k, v in bare.items()},
+        "runs": [a, b, c],
+        "ratio_kinoray_vs_diffusers_loop": round(c["videos_per_minute"] / a["videos_per_minute"], 3),
+        "ratio_kinoray_vs_ray_one_stage": round(c["videos_per_minute"] / b["videos_per_minute"], 3),
+        # Wall time of kinoray's steady state over the bare compute of the same rows in-process.
+        "kinoray_overhead": round(c["steady_s"] / (bare_total * steady_share), 3),
+        "kinoray_stage_busy_fraction": {k: round(v / summary.wall_s, 3) for k, v in summary.busy_s.items()},
+    }
+    (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    chart(result, out_dir / "bench.png")
+    return result
+
+
+def chart(result: dict[str, Any], path: Path) -> None:
+    """A bar chart of videos per minute, drawn with Pillow."""
+    from PIL import Image, ImageDraw
+
+    runs = result["runs"]
+    w, h, pad, bar_h = 720, 80 + 70 * len(runs), 20, 40
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    d.text((pad, pad), f"videos per minute, steady state ({result['model']}, {result['rows']} rows, {result['cores']} cores)", fill="black")
+    best = max(r["videos_per_minute"] for r in runs)
+    colors = ["#9aa5b1", "#7b93db", "#e4572e"]
+    for i, r in enumerate(runs):
+        y = 60 + i * 70
+        length = int((w - 2 * pad - 160) * r["videos_per_minute"] / best)
+        d.text((pad, y), r["name"], fill="black")
+        d.rectangle([pad, y + 16, pad + length, y + 16 + bar_h - 10], fill=colors[i % 3])
+        d.text((pad + length + 8, y + 22), f"{r['videos_per_minute']:.1f}", fill="black")
+    img.save(path)
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = [f"{'approach':<24}{'videos/min':>12}{'wall s':>9}{'1st video s':>13}{'peak GB':>9}"]
+    for r in result["runs"]:
+        lines.append(
+            f"{r['name']:<24}{r['videos_per_minute']:>12.1f}{r['wall_s']:>9.1f}{r['first_video_s']:>13.1f}{r['peak_memory_gb']:>9.2f}"
+        )
+    lines += [
+        f"kinoray / diffusers loop:  {result['ratio_kinoray_vs_diffusers_loop']:.2f}x",
+        f"kinoray / Ray one stage:   {result['ratio_kinoray_vs_ray_one_stage']:.2f}x",
+        f"kinoray overhead:          {result['kinoray_overhead']:.2f} (steady wall / bare stage compute)",
+        "stage busy fraction:       " + ", ".join(f"{k} {v:.2f}" for k, v in result["kinoray_stage_busy_fraction"].items()),
+    ]
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    result = run(args.model or BENCH_MODEL, args.rows, Path(args.out), args.device)
+    print(render(result))
+    print(f"\nwritten: {Path(args.out) / 'bench.json'}, {Path(args.out) / 'bench.png'}")
+    return 0
