@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("bench", help="kinoray against a diffusers loop and a one-stage Ray Data job")
     _add_model_flags(k)
-    k.add_argument("--rows", type=int, default=24)
+    k.add_argument("--rows", type=int, default=24, help="prompts in the bulk comparison")
+    k.add_argument("--online-requests", type=int, default=16, help="requests per concurrency level (0: skip)")
     k.add_argument("--out", default="bench-results")
     k.set_defaults(func=cmd_bench)
     return parser

@@ -94,7 +94,9 @@ def _requests(config: KinorayConfig, rows: int) -> list[dict[str, Any]]:
 
     defaults, limits = config.request_defaults(), config.request_limits()
     return [
-        build_request({"prompt": f"benchmark prompt {i}: a slow pan over a city at dusk", "seed": i}, defaults, limits).model_dump()
+        build_request(
+            {"prompt": f"benchmark prompt {i}: a slow pan over a city at dusk", "seed": i}, defaults, limits
+        ).model_dump()
         for i in range(rows)
     ]
 
@@ -201,7 +203,9 @@ class WholePipeline:
         return {"id": batch["id"]}
 
 
-def ray_one_stage(config: KinorayConfig, reqs: list[dict[str, Any]], out: Path, cpus: float) -> dict[str, Any]:
+def ray_one_stage(
+    config: KinorayConfig, reqs: list[dict[str, Any]], out: Path, cpus: float
+) -> dict[str, Any]:
     import ray.data
 
     with PeakMemory() as mem:
@@ -243,7 +247,68 @@ def bench_config(model: str, device: str | None) -> KinorayConfig:
     )
 
 
-def run(model: str, rows: int, out_dir: Path, device: str | None = None) -> dict[str, Any]:
+def online(config: KinorayConfig, requests: int, levels: list[int], store: Path) -> list[dict[str, Any]]:
+    """Load the Serve app from a second process at each concurrency; level 1 is the baseline."""
+    import socket
+    import subprocess
+    import sys
+
+    from ray import serve
+
+    from deployments.app import build
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = config.model_copy(
+        update={"serve": config.serve.model_copy(update={"storage": str(store), "max_queued_requests": 1024})}
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build(cfg), name="bench", route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    results = []
+    try:
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pipelines.loadgen",
+                "--base",
+                base,
+                "--requests",
+                "2",
+                "--concurrency",
+                "2",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        for c in levels:
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pipelines.loadgen",
+                    "--base",
+                    base,
+                    "--requests",
+                    str(requests),
+                    "--concurrency",
+                    str(c),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    finally:
+        serve.shutdown()
+    return results
+
+
+def run(
+    model: str, rows: int, out_dir: Path, device: str | None = None, online_requests: int = 0
+) -> dict[str, Any]:
     import ray
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -257,10 +322,16 @@ def run(model: str, rows: int, out_dir: Path, device: str | None = None) -> dict
     bare = bare_compute(config, reqs)
     a = diffusers_loop(config, reqs, work / "a")
     cores = os.cpu_count() or 2
-    ray.init(num_cpus=cores + 2, num_gpus=1 if device and device.startswith("cuda") else 0, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        num_cpus=cores + 2,
+        num_gpus=1 if device and device.startswith("cuda") else 0,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
     try:
         b = ray_one_stage(config, reqs, work / "b", cpus=cores)
         c, summary = kinoray_job(config, reqs, work / "c")
+        serving = online(config, online_requests, [1, 4, 8], out_dir / "store") if online_requests else []
     finally:
         ray.shutdown()
 
@@ -278,6 +349,7 @@ def run(model: str, rows: int, out_dir: Path, device: str | None = None) -> dict
         # Wall time of kinoray's steady state over the bare compute of the same rows in-process.
         "kinoray_overhead": round(c["steady_s"] / (bare_total * steady_share), 3),
         "kinoray_stage_busy_fraction": {k: round(v / summary.wall_s, 3) for k, v in summary.busy_s.items()},
+        "online": serving,
     }
     (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     chart(result, out_dir / "bench.png")
@@ -292,7 +364,11 @@ def chart(result: dict[str, Any], path: Path) -> None:
     w, h, pad, bar_h = 720, 80 + 70 * len(runs), 20, 40
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
-    d.text((pad, pad), f"videos per minute, steady state ({result['model']}, {result['rows']} rows, {result['cores']} cores)", fill="black")
+    d.text(
+        (pad, pad),
+        f"videos per minute, steady state ({result['model']}, {result['rows']} rows, {result['cores']} cores)",
+        fill="black",
+    )
     best = max(r["videos_per_minute"] for r in runs)
     colors = ["#9aa5b1", "#7b93db", "#e4572e"]
     for i, r in enumerate(runs):
@@ -314,13 +390,23 @@ def render(result: dict[str, Any]) -> str:
         f"kinoray / diffusers loop:  {result['ratio_kinoray_vs_diffusers_loop']:.2f}x",
         f"kinoray / Ray one stage:   {result['ratio_kinoray_vs_ray_one_stage']:.2f}x",
         f"kinoray overhead:          {result['kinoray_overhead']:.2f} (steady wall / bare stage compute)",
-        "stage busy fraction:       " + ", ".join(f"{k} {v:.2f}" for k, v in result["kinoray_stage_busy_fraction"].items()),
+        "stage busy fraction:       "
+        + ", ".join(f"{k} {v:.2f}" for k, v in result["kinoray_stage_busy_fraction"].items()),
     ]
+    if result["online"]:
+        base = result["online"][0]["videos_per_minute"]
+        lines.append(
+            f"\n{'online concurrency':<20}{'videos/min':>12}{'vs 1 at a time':>16}{'p50 s':>8}{'p99 s':>8}"
+        )
+        for r in result["online"]:
+            lines.append(
+                f"{r['concurrency']:<20}{r['videos_per_minute']:>12.1f}{r['videos_per_minute'] / base:>15.2f}x{r['p50_s']:>8.2f}{r['p99_s']:>8.2f}"
+            )
     return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> int:
-    result = run(args.model or BENCH_MODEL, args.rows, Path(args.out), args.device)
+    result = run(args.model or BENCH_MODEL, args.rows, Path(args.out), args.device, args.online_requests)
     print(render(result))
     print(f"\nwritten: {Path(args.out) / 'bench.json'}, {Path(args.out) / 'bench.png'}")
     return 0

@@ -1,0 +1,79 @@
+"""A load generator for the online API, run as its own process: `python -m pipelines.loadgen`.
+
+Sends `--requests` video jobs at `--concurrency`, polls each until it ends, and prints one JSON
+line: throughput and latency percentiles, measured from this side of the loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+
+import numpy as np
+import requests
+
+
+def one(base: str, body: dict, poll_s: float) -> tuple[float, str]:
+    start = time.perf_counter()
+    while True:
+        resp = requests.post(f"{base}/v1/videos", json=body, timeout=30)
+        if resp.status_code != 429:
+            break
+        time.sleep(float(resp.headers.get("Retry-After", "1")))
+    resp.raise_for_status()
+    vid = resp.json()["id"]
+    while True:
+        status = requests.get(f"{base}/v1/videos/{vid}", timeout=30).json()["status"]
+        if status in ("completed", "failed"):
+            return time.perf_counter() - start, status
+        time.sleep(poll_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--base", required=True, help="http://host:port")
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--poll", type=float, default=0.05)
+    args = p.parse_args(argv)
+    latencies: list[float] = []
+    statuses: list[str] = []
+    lock = threading.Lock()
+    counter = iter(range(args.requests))
+
+    def worker() -> None:
+        for i in counter:
+            lat, status = one(args.base, {"prompt": f"load test {i}", "seed": i}, args.poll)
+            with lock:
+                latencies.append(lat)
+                statuses.append(status)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(args.concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    lat = np.array(latencies)
+    print(
+        json.dumps(
+            {
+                "concurrency": args.concurrency,
+                "requests": args.requests,
+                "completed": statuses.count("completed"),
+                "wall_s": round(wall, 3),
+                "videos_per_minute": round(60 * statuses.count("completed") / wall, 2),
+                "p50_s": round(float(np.percentile(lat, 50)), 3),
+                "p99_s": round(float(np.percentile(lat, 99)), 3),
+            }
+        )
+    )
+    return 0 if statuses.count("completed") == args.requests else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
