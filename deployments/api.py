@@ -40,6 +40,30 @@ class APIError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error shape, used for every 4xx."""
+
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in (
+        (400, "a bad field, named in `param`"),
+        (401, "missing or wrong API key"),
+        (404, "unknown video or model"),
+        (429, "too many jobs in flight; see Retry-After"),
+    )
+}
+
+
 class VideoCreateBody(BaseModel):
     """`POST /v1/videos`: OpenAI's fields, then kinoray's (sent as `extra_body` by the openai client)."""
 

@@ -10,10 +10,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
-from deployments.api import APIError, check_auth, parse_create, read_body
+from deployments.api import ERROR_RESPONSES, APIError, VideoCreateBody, check_auth, parse_create, read_body
 from deployments.store import JobError, JobRecord, JobStore, new_job_id
 from models import telemetry
 from models.config import KinorayConfig
@@ -26,9 +27,11 @@ api = FastAPI(
     version="0.1.0",
 )
 
-# A replica that dies mid-request is replaced by Serve; the job is tried again this often.
+# A replica that dies mid-request is replaced by Serve; the job is tried again this often. Stage
+# code turns model errors into row errors, so what is raised here is the system's, not the row's:
+# a dead replica directly, or wrapped by Serve when it fed a chained request.
 ATTEMPTS = 3
-REPLICA_ERRORS = (RayActorError, ActorDiedError, ActorUnavailableError)
+REPLICA_ERRORS = (RayActorError, ActorDiedError, ActorUnavailableError, RayServeException)
 
 
 @api.exception_handler(APIError)
@@ -58,11 +61,12 @@ class _Auth:
 
 auth = _Auth()
 
+# The body is parsed by hand (JSON or multipart, as the openai client sends it): document it here.
 CREATE_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            media: {"schema": {"$ref": "#/components/schemas/VideoCreateBody"}}
+            media: {"schema": VideoCreateBody.model_json_schema()}
             for media in ("application/json", "multipart/form-data")
         },
     }
@@ -96,7 +100,7 @@ class Ingress:
     async def healthz(self) -> dict[str, Any]:
         return {"status": "ok", "model": self.model_name, "jobs_in_flight": len(self.jobs)}
 
-    @api.get("/v1/models", dependencies=[Depends(auth)])
+    @api.get("/v1/models", dependencies=[Depends(auth)], responses=ERROR_RESPONSES)
     async def list_models(self) -> dict[str, Any]:
         return {
             "object": "list",
@@ -105,7 +109,9 @@ class Ingress:
             ],
         }
 
-    @api.post("/v1/videos", dependencies=[Depends(auth)], openapi_extra=CREATE_BODY)
+    @api.post(
+        "/v1/videos", dependencies=[Depends(auth)], openapi_extra=CREATE_BODY, responses=ERROR_RESPONSES
+    )
     async def create_video(self, request: Request) -> JSONResponse:
         data = await read_body(request)
         job_id = new_job_id()
@@ -137,7 +143,7 @@ class Ingress:
         task.add_done_callback(lambda _: self._done(job_id))
         return JSONResponse(record.public())
 
-    @api.get("/v1/videos", dependencies=[Depends(auth)])
+    @api.get("/v1/videos", dependencies=[Depends(auth)], responses=ERROR_RESPONSES)
     async def list_videos(
         self,
         after: str | None = None,
@@ -159,11 +165,11 @@ class Ingress:
             "has_more": len(records) > limit,
         }
 
-    @api.get("/v1/videos/{video_id}", dependencies=[Depends(auth)])
+    @api.get("/v1/videos/{video_id}", dependencies=[Depends(auth)], responses=ERROR_RESPONSES)
     async def retrieve_video(self, video_id: str) -> dict[str, Any]:
         return self._expire(self._get(video_id)).public()
 
-    @api.get("/v1/videos/{video_id}/content", dependencies=[Depends(auth)])
+    @api.get("/v1/videos/{video_id}/content", dependencies=[Depends(auth)], responses=ERROR_RESPONSES)
     async def video_content(self, video_id: str, variant: str = "video") -> Response:
         record = self._get(video_id)
         if variant != "video":
@@ -176,7 +182,7 @@ class Ingress:
         data, media = found
         return Response(content=data, media_type=media)
 
-    @api.delete("/v1/videos/{video_id}", dependencies=[Depends(auth)])
+    @api.delete("/v1/videos/{video_id}", dependencies=[Depends(auth)], responses=ERROR_RESPONSES)
     async def delete_video(self, video_id: str) -> dict[str, Any]:
         self._get(video_id)
         task = self.jobs.pop(video_id, None)

@@ -79,6 +79,9 @@ class KinorayConfig(BaseModel):
     defaults: dict[str, Any] = Field(
         default_factory=dict, description="overrides of the model's request defaults"
     )
+    limits: dict[str, Any] = Field(
+        default_factory=dict, description="tighter request limits than the model's"
+    )
     encoder: StageConfig = Field(default_factory=StageConfig)
     denoiser: StageConfig = Field(default_factory=StageConfig)
     decoder: StageConfig = Field(default_factory=StageConfig)
@@ -88,6 +91,7 @@ class KinorayConfig(BaseModel):
     @model_validator(mode="after")
     def _defaults(self) -> KinorayConfig:
         RequestDefaults(**self.defaults)  # unknown or mistyped keys fail here, at load time
+        RequestLimits(**self.limits)
         return self
 
     @classmethod
@@ -107,4 +111,5 @@ class KinorayConfig(BaseModel):
     def request_limits(self) -> RequestLimits:
         from models.families import adapter_class
 
-        return adapter_class(self.model).request_limits(self.model)
+        base = adapter_class(self.model).request_limits(self.model)
+        return base.model_copy(update=RequestLimits(**{**base.model_dump(), **self.limits}).model_dump())

@@ -29,6 +29,9 @@ class RequestLimits(BaseModel):
     # Video VAEs take 1 + k * frame_step frames (Wan: 4; CogVideoX: 8, its VAE decodes latent pairs).
     frame_step: int = 4
     max_frames: int = 257
+    # Work and memory grow with height x width x frames: one request must not be able to take a
+    # replica down. The default admits 1280x720 at 129 frames.
+    max_pixel_frames: int = 1280 * 720 * 129
     max_steps: int = 200
     max_prompt_chars: int = 4000
     max_guidance_scale: float = 50.0
@@ -126,6 +129,11 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"must be between 1 and {lim.max_frames} (got {v})")
         if (v - 1) % lim.frame_step:
             raise ValueError(f"must be 1 + a multiple of {lim.frame_step} for this model's VAE (got {v})")
+        h, w = info.data.get("height"), info.data.get("width")
+        if h and w and h * w * v > lim.max_pixel_frames:
+            raise ValueError(
+                f"{w}x{h} at {v} frames is {h * w * v} pixel-frames; this deployment's limit is {lim.max_pixel_frames}"
+            )
         return v
 
     @field_validator("fps")

@@ -62,6 +62,7 @@ def test_numeric_strings_and_integral_floats_are_accepted():
         ({"id": "a/b"}, "id", "letters, digits"),
         ({"id": ""}, "id", "letters, digits"),
         ({"colour": "red"}, "colour", "unknown field"),
+        ({"height": 2048, "width": 2048, "num_frames": 257}, "num_frames", "pixel-frames"),
     ],
 )
 def test_each_limit_names_its_field(fields, field, words):
@@ -86,3 +87,12 @@ def test_family_limits_come_from_the_checkpoint_configs():
         assert spec.resolved_family == family
         limits = adapter_class(spec).request_limits(spec)
         assert (limits.size_multiple, limits.frame_step) == (16, step)
+
+
+def test_config_limits_tighten_the_models():
+    from models.config import KinorayConfig
+
+    limits = KinorayConfig(limits={"max_size": 128, "max_steps": 10}).request_limits()
+    assert (limits.max_size, limits.max_steps, limits.size_multiple) == (128, 10, 16)
+    with pytest.raises(RequestError, match="num_inference_steps"):
+        build_request({"prompt": "x", "num_inference_steps": 11}, DEFAULTS, limits)

@@ -7,6 +7,7 @@ import time
 import openai
 import pytest
 import requests
+from hypothesis import HealthCheck, settings
 from videocheck import SAME_VIDEO_DB, decoded, psnr
 
 from models.config import KinorayConfig
@@ -33,7 +34,8 @@ def server(tmp_path_factory):
 
     store = tmp_path_factory.mktemp("store")
     port = free_port()
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    # Three apps of four replicas each: logical CPUs for all of them (the tiny model needs little).
+    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     main = KinorayConfig.model_validate(
         {
@@ -45,8 +47,16 @@ def server(tmp_path_factory):
     small = KinorayConfig.model_validate(
         {"serve": {"storage": str(store / "small"), "max_queued_requests": 1, "job_deadline_s": 3}}
     )
+    # A third with tight limits, for schemathesis: whatever it sends stays cheap to generate.
+    fuzz = KinorayConfig.model_validate(
+        {
+            "serve": {"storage": str(store / "fuzz"), "max_queued_requests": 4},
+            "limits": {"max_size": 64, "max_frames": 9, "max_steps": 4},
+        }
+    )
     serve.run(build(main), name="kinoray", route_prefix="/")
     serve.run(build(small), name="small", route_prefix="/small")
+    serve.run(build(fuzz), name="fuzz", route_prefix="/fuzz")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
@@ -269,3 +279,26 @@ def test_a_job_past_its_deadline_ends_failed_with_a_reason(server):
     done, _ = wait(small, v.id, timeout=60)
     assert done.status == "failed"
     assert done.error.code == "deadline_exceeded" and "deadline" in done.error.message
+
+
+def test_the_api_never_fails_on_what_its_own_schema_allows(server):
+    """Schemathesis, from the app's own OpenAPI document: never a 5xx, always an OpenAI error body."""
+    import schemathesis
+    from hypothesis import given
+
+    base = f"{server}/fuzz"
+    schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) == 7
+
+    for operation in operations:
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def check(case):
+            response = case.call(base_url=base)
+            assert response.status_code < 500, (case.path, case.body, response.text)
+            if response.status_code >= 400:
+                assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+        check()
