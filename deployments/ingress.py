@@ -150,19 +150,19 @@ class Ingress:
         limit: int = Query(default=20, ge=1, le=100),
         order: str = Query(default="desc", pattern="^(asc|desc)$"),
     ) -> dict[str, Any]:
-        records = self.store.list()
+        ids = self.store.ids()
         if order == "desc":
-            records.reverse()
+            ids.reverse()
         if after is not None:
-            ids = [r.id for r in records]
-            records = records[ids.index(after) + 1 :] if after in ids else []
-        page = [self._expire(r).public() for r in records[:limit]]
+            ids = ids[ids.index(after) + 1 :] if after in ids else []
+        # One listing of names, then only the page's records are read.
+        page = [self._expire(r).public() for r in map(self.store.get, ids[:limit]) if r is not None]
         return {
             "object": "list",
             "data": page,
             "first_id": page[0]["id"] if page else None,
             "last_id": page[-1]["id"] if page else None,
-            "has_more": len(records) > limit,
+            "has_more": len(ids) > limit,
         }
 
     @api.get("/v1/videos/{video_id}", dependencies=[Depends(auth)], responses=ERROR_RESPONSES)

@@ -102,15 +102,10 @@ class JobStore:
         self.put(record)
         return record
 
-    def list(self) -> list[JobRecord]:
-        paths = self.fs.glob(f"{self.root}/jobs/*.json")
-        records = []
-        for p in paths:
-            job_id = p.rsplit("/", 1)[-1].removesuffix(".json")
-            rec = self.get(job_id)
-            if rec is not None:
-                records.append(rec)
-        return sorted(records, key=lambda r: r.id)
+    def ids(self) -> list[str]:
+        """All job ids, oldest first (ids sort by creation time), from names alone."""
+        names = (p.rsplit("/", 1)[-1] for p in self.fs.glob(f"{self.root}/jobs/*.json"))
+        return sorted(n.removesuffix(".json") for n in names)
 
     def delete(self, job_id: str) -> bool:
         found = False

@@ -159,4 +159,13 @@ def test_a_serve_replica_killed_with_requests_in_flight(ray_cluster, tmp_path):
     for v in final.values():
         assert v.status == "completed" or (v.error and v.error.message), v
     assert sum(v.status == "completed" for v in final.values()) >= 1, [v.error for v in final.values()]
+
+    # A restart of the whole application loses no finished video: records and files are in storage.
+    done = next(i for i, v in final.items() if v.status == "completed")
+    before = client.videos.download_content(done).content
+    serve.delete("faults")
+    serve.run(build(config), name="faults", route_prefix="/")
+    assert client.videos.retrieve(done).status == "completed"
+    assert client.videos.download_content(done).content == before
+    assert {v.id for v in client.videos.list(limit=10)} == set(ids)
     serve.delete("faults")

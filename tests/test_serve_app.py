@@ -232,6 +232,11 @@ def test_bad_bodies(server):
         f"{server}/v1/videos", data=b"\xff\xfe", headers={**auth, "Content-Type": "application/json"}
     )
     assert resp.status_code == 400
+    huge = b'{"prompt": "' + b"x" * (2 << 20) + b'"}'
+    resp = requests.post(
+        f"{server}/v1/videos", data=huge, headers={**auth, "Content-Type": "application/json"}
+    )
+    assert resp.status_code == 413 and error_of(resp)["code"] == "request_too_large"
 
 
 def test_unknown_and_hostile_ids_are_404(server):
@@ -267,6 +272,8 @@ def test_full_queue_is_429_with_retry_after_and_accepted_jobs_finish(server):
     resp = rejected[0].response
     assert resp.headers["Retry-After"] == "5"
     assert error_of(resp)["code"] == "queue_full"
+    # The backlog an ingress holds stays within its bound while it sheds the rest.
+    assert requests.get(f"{server}/small/healthz").json()["jobs_in_flight"] <= 1
     for vid in accepted:
         assert wait(small, vid)[0].status == "completed"
 
