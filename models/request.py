@@ -160,11 +160,6 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"must be between 0 and {lim.max_guidance_scale} (got {v})")
         return v
 
-    @property
-    def shape_key(self) -> tuple[int, int, int, int, float]:
-        """Requests with the same key can share one denoiser call."""
-        return (self.height, self.width, self.num_frames, self.num_inference_steps, self.guidance_scale)
-
 
 def _limits(info: ValidationInfo) -> RequestLimits:
     ctx = info.context or {}

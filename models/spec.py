@@ -17,6 +17,7 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 PIPELINE_FAMILIES = {
     "WanPipeline": "wan",
     "CogVideoXPipeline": "cogvideox",
+    "LTXPipeline": "ltx",
 }
 
 
@@ -26,7 +27,7 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     weights: str = Field(default=tiny.DEFAULT_MODEL, description="preset name, local path or hub id")
-    family: Literal["auto", "wan", "cogvideox"] = "auto"
+    family: Literal["auto", "wan", "cogvideox", "ltx"] = "auto"
     revision: str | None = None
     dtype: DType = Field(default="auto", description="auto: bfloat16 on CUDA, float32 on CPU")
     device: str = Field(default="auto", description="auto: cuda when available, else cpu")

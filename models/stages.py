@@ -28,7 +28,8 @@ Batch = dict[str, np.ndarray]
 ProgressCallback = Callable[[list[str], int, int], None]
 
 REQUEST_COLUMNS = tuple(GenerationRequest.model_fields)
-SHAPE_COLUMNS = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale")
+# Rows that agree on these share one denoiser call (fps too: LTX-Video conditions on it).
+SHAPE_COLUMNS = ("height", "width", "num_frames", "fps", "num_inference_steps", "guidance_scale")
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,8 @@ class _StageBase:
 
 
 class TextEncoder(_StageBase):
-    """Prompts -> `prompt_embeds` and `negative_prompt_embeds`, with an LRU cache of texts.
+    """Prompts -> the family's conditioning columns (`prompt_embeds`, `negative_prompt_embeds`,
+    and e.g. attention masks), with an LRU cache of texts.
 
     A job's negative prompt (usually one text for all rows) and any repeated prompt are
     encoded once.
@@ -115,15 +117,16 @@ class TextEncoder(_StageBase):
     def __init__(self, model: ModelSpec | dict[str, Any] | str | None = None, cache_size: int = 1024):
         super().__init__(model)
         self.cache_size = cache_size
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
         self.cache_hits = 0
 
-    def embed(self, texts: Sequence[str]) -> list[np.ndarray]:
+    def embed(self, texts: Sequence[str]) -> list[dict[str, np.ndarray]]:
         missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
         self.cache_hits += len(texts) - len(missing)
         if missing:
-            for text, emb in zip(missing, self.adapter.encode(missing)):
-                self._cache[text] = emb
+            encoded = self.adapter.encode(missing)
+            for k, text in enumerate(missing):
+                self._cache[text] = {name: arr[k] for name, arr in encoded.items()}
         out = []
         for t in texts:
             self._cache.move_to_end(t)
@@ -155,11 +158,12 @@ class TextEncoder(_StageBase):
             telemetry.record_stage(
                 "encode", time.perf_counter() - start, len(todo), [errors[i] for i in todo if errors[i]]
             )
-        template = next((p for p in pos if p is not None), np.zeros((0, 0), np.float32))
-        empty = np.zeros_like(template)
         out = dict(batch)
-        out["prompt_embeds"] = object_column([empty if p is None else p for p in pos])
-        out["negative_prompt_embeds"] = object_column([empty if p is None else p for p in neg])
+        template = next((p for p in pos if p is not None), None)
+        for name in self.adapter.conditioning:
+            empty = np.zeros_like(template[name]) if template else np.zeros((0, 0), np.float32)
+            out[name] = object_column([empty if p is None else p[name] for p in pos])
+            out[f"negative_{name}"] = object_column([empty if p is None else p[name] for p in neg])
         out["error"] = errors
         out["encode_s"] = np.full(n, (time.perf_counter() - start) / max(n, 1))
         return out
@@ -188,11 +192,16 @@ class Denoiser(_StageBase):
                 self._run(batch, key, chunk, latents, errors, seconds, on_step)
         template = next((x for x in latents if x is not None), None)
         empty = np.zeros((0,) * (template.ndim if template is not None else 4), np.float32)
-        out = {k: v for k, v in batch.items() if k not in ("prompt_embeds", "negative_prompt_embeds")}
+        cond = set(self._conditioning_columns())
+        out = {k: v for k, v in batch.items() if k not in cond}
         out["latents"] = object_column([empty if x is None else x for x in latents])
         out["error"] = errors
         out["denoise_s"] = seconds
         return out
+
+    def _conditioning_columns(self) -> list[str]:
+        names = self.adapter.conditioning
+        return [*names, *(f"negative_{n}" for n in names)]
 
     def _run(
         self,
@@ -204,19 +213,19 @@ class Denoiser(_StageBase):
         seconds: np.ndarray,
         on_step: ProgressCallback | None,
     ) -> None:
-        height, width, num_frames, steps, guidance = key
+        height, width, num_frames, fps, steps, guidance = key
         ids = [str(batch["id"][i]) for i in chunk]
         progress = (lambda done, total: on_step(ids, done, total)) if on_step else None
         start = time.perf_counter()
         telemetry.set_gauge("kinoray_in_flight", len(chunk), stage="denoise")
         try:
             out = self.adapter.denoise(
-                np.stack([batch["prompt_embeds"][i] for i in chunk]),
-                np.stack([batch["negative_prompt_embeds"][i] for i in chunk]),
+                {c: np.stack([batch[c][i] for i in chunk]) for c in self._conditioning_columns()},
                 [int(batch["seed"][i]) for i in chunk],
                 int(height),
                 int(width),
                 int(num_frames),
+                int(fps),
                 int(steps),
                 float(guidance),
                 on_step=progress,

@@ -65,7 +65,7 @@ def _t5_config(cls_name: str, d_model: int, layers: int) -> Any:
     )
 
 
-def _wan(scale: int) -> tuple[Any, dict[str, Any]]:
+def _wan(scale: int, experts: int = 1) -> tuple[Any, dict[str, Any]]:
     import torch
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5EncoderModel
@@ -74,21 +74,25 @@ def _wan(scale: int) -> tuple[Any, dict[str, Any]]:
     text_dim, text_layers = (32, 2) if scale == 1 else (64 * scale, 2 * scale)
     torch.manual_seed(0)
     text_encoder = UMT5EncoderModel(_t5_config("umt5", text_dim, text_layers))
-    torch.manual_seed(1)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2 * scale,
-        attention_head_dim=12 * scale,
-        in_channels=16,
-        out_channels=16,
-        text_dim=text_dim,
-        freq_dim=256,
-        ffn_dim=32 * scale * scale,
-        num_layers=2 * scale,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    )
+    transformers = []
+    for expert in range(experts):
+        torch.manual_seed(1 + 10 * expert)
+        transformers.append(
+            WanTransformer3DModel(
+                patch_size=(1, 2, 2),
+                num_attention_heads=2 * scale,
+                attention_head_dim=12 * scale,
+                in_channels=16,
+                out_channels=16,
+                text_dim=text_dim,
+                freq_dim=256,
+                ffn_dim=32 * scale * scale,
+                num_layers=2 * scale,
+                cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads",
+                rope_max_seq_len=32,
+            )
+        )
     torch.manual_seed(2)
     vae = AutoencoderKLWan(
         base_dim=3 * scale,
@@ -101,14 +105,71 @@ def _wan(scale: int) -> tuple[Any, dict[str, Any]]:
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
     )
+    # Wan 2.2 A14B: a high-noise expert until the boundary timestep, a low-noise one after it.
+    two = {"transformer_2": transformers[1], "boundary_ratio": 0.875} if experts == 2 else {}
     pipe = WanPipeline(
         tokenizer=_byte_tokenizer(512),
         text_encoder=text_encoder,
-        transformer=transformer,
+        transformer=transformers[0],
         vae=vae,
         scheduler=scheduler,
+        **two,
     )
     return pipe, {"guidance_scale": 5.0}
+
+
+def _ltx(scale: int) -> tuple[Any, dict[str, Any]]:
+    import torch
+    from diffusers import (
+        AutoencoderKLLTXVideo,
+        FlowMatchEulerDiscreteScheduler,
+        LTXPipeline,
+        LTXVideoTransformer3DModel,
+    )
+    from transformers import T5EncoderModel
+
+    torch.manual_seed(0)
+    text_encoder = T5EncoderModel(_t5_config("t5", 32, 2))
+    torch.manual_seed(1)
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=8,
+        out_channels=8,
+        patch_size=1,
+        patch_size_t=1,
+        num_attention_heads=4,
+        attention_head_dim=8,
+        cross_attention_dim=32,
+        num_layers=1,
+        caption_channels=32,
+    )
+    torch.manual_seed(2)
+    vae = AutoencoderKLLTXVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=8,
+        block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False),
+        decoder_inject_noise=(False, False, False, False, False),
+        upsample_residual=(False, False, False, False),
+        upsample_factor=(1, 1, 1, 1),
+        timestep_conditioning=False,
+        patch_size=1,
+        patch_size_t=1,
+        encoder_causal=True,
+        decoder_causal=False,
+    )
+    pipe = LTXPipeline(
+        tokenizer=_byte_tokenizer(128),
+        text_encoder=text_encoder,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+    return pipe, {"guidance_scale": 3.0}
 
 
 def _cogvideox(scale: int) -> tuple[Any, dict[str, Any]]:
@@ -165,6 +226,12 @@ def _cogvideox(scale: int) -> tuple[Any, dict[str, Any]]:
 # name -> (builder, scale, request defaults written beside the weights)
 PRESETS: dict[str, tuple[Callable[[int], tuple[Any, dict[str, Any]]], int, dict[str, Any]]] = {
     "tiny-wan": (_wan, 1, {"height": 64, "width": 64, "num_frames": 9, "fps": 8, "num_inference_steps": 4}),
+    "tiny-wan22": (
+        lambda scale: _wan(scale, experts=2),
+        1,
+        {"height": 64, "width": 64, "num_frames": 9, "fps": 8, "num_inference_steps": 4},
+    ),
+    "tiny-ltx": (_ltx, 1, {"height": 64, "width": 64, "num_frames": 9, "fps": 8, "num_inference_steps": 4}),
     "tiny-cogvideox": (
         _cogvideox,
         1,

@@ -14,7 +14,7 @@ from typing import Any
 
 from models.config import KinorayConfig, StageConfig
 from models.request import ID_PATTERN, RequestError, build_request
-from models.stages import Decoder, Denoiser, TextEncoder
+from models.stages import SHAPE_COLUMNS, Decoder, Denoiser, TextEncoder
 from pipelines import manifest
 from pipelines.progress import JobMetrics
 from pipelines.table import ERROR_KEY, read_prompt_table
@@ -95,16 +95,7 @@ def plan_rows(
             continue
         todo.append({**req.model_dump(), "row": n, "error": ""})
     # Shape buckets: rows of one shape arrive together, so the denoiser's batches stay full.
-    todo.sort(
-        key=lambda r: (
-            r["height"],
-            r["width"],
-            r["num_frames"],
-            r["num_inference_steps"],
-            r["guidance_scale"],
-            r["row"],
-        )
-    )
+    todo.sort(key=lambda r: (*(r[c] for c in SHAPE_COLUMNS), r["row"]))
     return todo, failed, skipped
 
 

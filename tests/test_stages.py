@@ -14,7 +14,7 @@ from models.stages import Decoder, Denoiser, TextEncoder, requests_to_batch
 PROMPTS = [("a red fox in the snow", 11), ("surfing at sunset, wide shot", 2024), ("rain on a window", 7)]
 
 
-@pytest.fixture(scope="module", params=["tiny-wan", "tiny-cogvideox"])
+@pytest.fixture(scope="module", params=["tiny-wan", "tiny-wan22", "tiny-cogvideox", "tiny-ltx"])
 def local(request):
     return LocalPipeline(KinorayConfig(model=ModelSpec(weights=request.param)))
 
@@ -35,6 +35,8 @@ def reference(local, req):
         guidance_scale=req.guidance_scale,
         generator=torch.Generator().manual_seed(req.seed),
         output_type="np",
+        # LTX-Video conditions on the frame rate; its pipeline takes it as `frame_rate`.
+        **({"frame_rate": req.fps} if spec.resolved_family == "ltx" else {}),
     ).frames
     return to_uint8(frames)[0]
 
@@ -75,11 +77,11 @@ def test_denoiser_batch_of_four_equals_four_batches_of_one(local):
 def test_denoiser_groups_rows_by_shape(local):
     reqs = [
         local.request(prompt="a", seed=1),
-        local.request(prompt="b", seed=2, height=32, width=48, num_frames=17),
+        local.request(prompt="b", seed=2, height=32, width=64, num_frames=17),
         local.request(prompt="c", seed=3),
     ]
     out = local.run(reqs)
-    assert [f.shape for f in out["frames"]] == [(9, 64, 64, 3), (17, 32, 48, 3), (9, 64, 64, 3)]
+    assert [f.shape for f in out["frames"]] == [(9, 64, 64, 3), (17, 32, 64, 3), (9, 64, 64, 3)]
     # Same request alone gives the same frames as inside a mixed batch.
     alone = local.run([reqs[1]])["frames"][0]
     assert np.abs(alone.astype(int) - out["frames"][1].astype(int)).max() <= 1
@@ -116,3 +118,7 @@ def test_stages_load_only_their_own_components():
         "Denoiser": {"transformer", "scheduler"},
         "Decoder": {"vae"},
     }
+    # Wan 2.2's two experts both live in the denoise stage.
+    denoiser = Denoiser(ModelSpec(weights="tiny-wan22")).adapter.pipe
+    assert denoiser.transformer is not None and denoiser.transformer_2 is not None
+    assert denoiser.config.boundary_ratio == 0.875

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from models.families.base import FamilyAdapter, Stage
 from models.families.cogvideox import CogVideoXAdapter
+from models.families.ltx import LTXAdapter
 from models.families.wan import WanAdapter
 from models.spec import ModelSpec
 
-FAMILIES: dict[str, type[FamilyAdapter]] = {a.name: a for a in (WanAdapter, CogVideoXAdapter)}
+FAMILIES: dict[str, type[FamilyAdapter]] = {a.name: a for a in (WanAdapter, CogVideoXAdapter, LTXAdapter)}
 
 
 def adapter_class(spec: ModelSpec) -> type[FamilyAdapter]:

@@ -34,6 +34,9 @@ class FamilyAdapter:
 
     name: ClassVar[str]
     pipeline_class: ClassVar[str]
+    # What the text encoder hands the denoiser, by the names the pipeline's `__call__` takes;
+    # each also travels as `negative_<name>`.
+    conditioning: ClassVar[tuple[str, ...]] = ("prompt_embeds",)
     default_max_sequence_length: ClassVar[int]
     defaults: ClassVar[RequestDefaults]
 
@@ -83,7 +86,10 @@ class FamilyAdapter:
         import diffusers
 
         keep = STAGE_COMPONENTS[stage]
-        components = [k for k in self.spec.model_index if not k.startswith("_")]
+        # Components are the [library, class] entries; the rest (e.g. Wan 2.2's boundary_ratio) is config.
+        components = [
+            k for k, v in self.spec.model_index.items() if not k.startswith("_") and isinstance(v, list)
+        ]
         skipped = {name: None for name in components if name not in keep}
         pipeline_cls = getattr(diffusers, self.pipeline_class)
         pipe = pipeline_cls.from_pretrained(
@@ -108,33 +114,43 @@ class FamilyAdapter:
 
     # -- the three stages ---------------------------------------------------------------------
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """Texts -> float32 embeddings (N, L, D), one row per text."""
+    def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Texts -> the family's conditioning arrays, named as diffusers names them, one row per text."""
         import torch
 
         with torch.inference_mode():
-            embeds, _ = self.pipe.encode_prompt(
-                prompt=list(texts),
-                do_classifier_free_guidance=False,
-                num_videos_per_prompt=1,
-                max_sequence_length=self.max_sequence_length,
-                device=self.pipe._execution_device,
-            )
-        return embeds.float().cpu().numpy()
+            tensors = self._encode_prompt(list(texts))
+        return {
+            name: (t.float() if t.is_floating_point() else t).cpu().numpy()
+            for name, t in zip(self.conditioning, tensors)
+        }
+
+    def _encode_prompt(self, texts: list[str]) -> tuple[Any, ...]:
+        embeds, _ = self.pipe.encode_prompt(
+            prompt=texts,
+            do_classifier_free_guidance=False,
+            num_videos_per_prompt=1,
+            max_sequence_length=self.max_sequence_length,
+            device=self.pipe._execution_device,
+        )
+        return (embeds,)
 
     def denoise(
         self,
-        prompt_embeds: np.ndarray,
-        negative_prompt_embeds: np.ndarray,
+        conditioning: dict[str, np.ndarray],
         seeds: Sequence[int],
         height: int,
         width: int,
         num_frames: int,
+        fps: int,
         num_inference_steps: int,
         guidance_scale: float,
         on_step: StepCallback | None = None,
     ) -> np.ndarray:
-        """Embeddings of one shape group -> float32 latents (N, ...), one generator per seed."""
+        """One shape group -> float32 latents (N, ...), one generator per seed.
+
+        `conditioning` holds each of `self.conditioning` and its `negative_` twin, stacked per row.
+        """
         import torch
 
         device = self.pipe._execution_device
@@ -149,12 +165,13 @@ class FamilyAdapter:
                 on_step(i + 1, num_inference_steps)
                 return {}
 
+        tensors = {}
+        for name, array in conditioning.items():
+            t = torch.from_numpy(np.ascontiguousarray(array)).to(device)
+            tensors[name] = t.to(dtype) if t.is_floating_point() else t
         with torch.inference_mode():
             latents = self.pipe(
-                prompt_embeds=torch.from_numpy(np.ascontiguousarray(prompt_embeds)).to(device, dtype),
-                negative_prompt_embeds=torch.from_numpy(np.ascontiguousarray(negative_prompt_embeds)).to(
-                    device, dtype
-                ),
+                **tensors,
                 height=height,
                 width=width,
                 num_frames=num_frames,
@@ -165,10 +182,16 @@ class FamilyAdapter:
                 output_type="latent",
                 callback_on_step_end=callback,
                 return_dict=False,
+                **self._call_options(fps),
             )[0]
-        return self._trim_latents(latents, num_frames).float().cpu().numpy()
+        return self._latents_out(latents, height, width, num_frames).float().cpu().numpy()
 
-    def _trim_latents(self, latents: Any, num_frames: int) -> Any:
+    def _call_options(self, fps: int) -> dict[str, Any]:
+        """Family-specific `__call__` arguments that follow from the request."""
+        return {}
+
+    def _latents_out(self, latents: Any, height: int, width: int, num_frames: int) -> Any:
+        """The pipeline's latent output -> what its VAE decode path starts from."""
         return latents
 
     def decode(self, latents: np.ndarray) -> np.ndarray:

@@ -34,7 +34,7 @@ class CogVideoXAdapter(FamilyAdapter):
         p_t = spec.read_config("config.json", "transformer").get("patch_size_t") or 1
         return temporal * 2 * p_t
 
-    def _trim_latents(self, latents: Any, num_frames: int) -> Any:
+    def _latents_out(self, latents: Any, height: int, width: int, num_frames: int) -> Any:
         # CogVideoX 1.5 pads latent frames to a multiple of patch_size_t; the pipeline drops the
         # padding only on its decode path, so the latent output must drop it here.
         p_t = self.pipe.transformer.config.patch_size_t
