@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -83,6 +83,54 @@ class VideoCreateBody(BaseModel):
     num_frames: int | None = None
     height: int | None = None
     width: int | None = None
+
+
+class ImageGenerateBody(BaseModel):
+    """`POST /v1/images/generations`: OpenAI's fields, then kinoray's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    model: str | None = None
+    n: int = Field(default=1, ge=1, le=10)
+    size: str | None = Field(default=None, description="WIDTHxHEIGHT, e.g. 1024x1024")
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None
+    output_format: Literal["png"] | None = None
+    # kinoray's own
+    seed: int | None = None
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+
+
+def parse_images(
+    data: dict[str, Any],
+    served_models: list[str],
+    defaults: RequestDefaults,
+    limits: RequestLimits,
+    ids: list[str],
+) -> tuple[ImageGenerateBody, list[GenerationRequest]]:
+    """Body -> one single-frame request per image (consecutive seeds from `seed`)."""
+    try:
+        body = ImageGenerateBody.model_validate(data)
+    except ValidationError as exc:
+        err = RequestError.from_validation(exc)
+        raise APIError(400, str(err), param=err.field, code="invalid_value") from None
+    video = {
+        k: v for k, v in body.model_dump().items() if k in VideoCreateBody.model_fields and v is not None
+    }
+    video.pop("seed", None)
+    seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+    requests = []
+    for k, image_id in enumerate(ids[: body.n]):
+        req, _ = parse_create(
+            {**video, "seed": seed + k, "num_frames": 1, "fps": 1}, served_models, defaults, limits, image_id
+        )
+        requests.append(req)
+    return body, requests
 
 
 async def read_body(request: Request) -> dict[str, Any]:

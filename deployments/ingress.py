@@ -1,6 +1,7 @@
 """The ingress deployment: OpenAI's Videos API, driving encoder -> denoiser -> decoder handles."""
 
 import asyncio
+import base64
 import logging
 import time
 from typing import Any
@@ -14,7 +15,16 @@ from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
-from deployments.api import ERROR_RESPONSES, APIError, VideoCreateBody, check_auth, parse_create, read_body
+from deployments.api import (
+    ERROR_RESPONSES,
+    APIError,
+    ImageGenerateBody,
+    VideoCreateBody,
+    check_auth,
+    parse_create,
+    parse_images,
+    read_body,
+)
 from deployments.store import JobError, JobRecord, JobStore, new_job_id
 from models import telemetry
 from models.config import KinorayConfig
@@ -50,6 +60,14 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     code = "not_found" if exc.status_code == 404 else None
     return APIError(exc.status_code, str(exc.detail), code=code).response()
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s", request.url.path)
+    return APIError(
+        500, f"internal error: {type(exc).__name__}", type="server_error", code="internal_error"
+    ).response()
 
 
 class _Auth:
@@ -93,6 +111,7 @@ class Ingress:
         self.served_models = [self.model_name, *self.serve_config.model_aliases]
         self.encoder, self.denoiser, self.decoder = encoder, denoiser, decoder
         self.jobs: dict[str, asyncio.Task[None]] = {}
+        self.images_in_flight = 0
 
     # -- routes -------------------------------------------------------------------------------
 
@@ -190,6 +209,57 @@ class Ingress:
             task.cancel()
         self.store.delete(video_id)
         return {"id": video_id, "object": "video.deleted", "deleted": True}
+
+    @api.post(
+        "/v1/images/generations",
+        dependencies=[Depends(auth)],
+        responses=ERROR_RESPONSES,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ImageGenerateBody.model_json_schema()}},
+            }
+        },
+    )
+    async def generate_images(self, request: Request) -> dict[str, Any]:
+        """OpenAI's Images API: synchronous, one single-frame request per image."""
+        data = await read_body(request)
+        ids = [new_job_id().replace("video_", "img_") for _ in range(10)]
+        body, reqs = parse_images(data, self.served_models, self.defaults, self.limits, ids)
+        if len(self.jobs) + self.images_in_flight >= self.serve_config.max_queued_requests:
+            raise APIError(
+                429,
+                "too many jobs in flight; retry later",
+                type="rate_limit_exceeded",
+                code="queue_full",
+                headers={"Retry-After": str(self.serve_config.retry_after_s)},
+            )
+        self.images_in_flight += len(reqs)
+        try:
+            results = await asyncio.gather(*(self._generate({**r.model_dump(), "error": ""}) for r in reqs))
+        finally:
+            self.images_in_flight -= len(reqs)
+        failed = next((r["error"] for r in results if r["error"]), None)
+        if failed:
+            raise APIError(
+                500, f"image generation failed: {failed}", type="server_error", code="generation_failed"
+            )
+        data_out = []
+        for req, result in zip(reqs, results):
+            if body.response_format == "b64_json":
+                data_out.append({"b64_json": base64.b64encode(result["video"]).decode()})
+            else:
+                self.store.put_image(req.id, result["video"])
+                data_out.append({"url": f"{str(request.base_url).rstrip('/')}/v1/images/files/{req.id}.png"})
+        telemetry.inc("kinoray_videos_total", len(reqs), frontend="online")
+        return {"created": int(time.time()), "data": data_out}
+
+    @api.get("/v1/images/files/{name}", responses=ERROR_RESPONSES)
+    async def image_file(self, name: str) -> Response:
+        data = self.store.get_image(name.removesuffix(".png"))
+        if data is None:
+            raise APIError(404, f"no image {name!r}", param="name", code="not_found")
+        return Response(content=data, media_type="image/png")
 
     # -- the job -----------------------------------------------------------------------------
 

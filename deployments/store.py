@@ -60,7 +60,7 @@ class JobStore:
     def __init__(self, url: str):
         self.url = url.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        for sub in ("jobs", "videos", "progress"):
+        for sub in ("jobs", "videos", "progress", "images"):
             self.fs.makedirs(f"{self.root}/{sub}", exist_ok=True)
 
     @staticmethod
@@ -131,6 +131,16 @@ class JobStore:
                 with self.fs.open(path, "rb") as f:
                     return f.read(), media
         return None
+
+    def put_image(self, image_id: str, data: bytes) -> None:
+        self._write(self._path("images", image_id, ".png"), data)
+
+    def get_image(self, image_id: str) -> bytes | None:
+        try:
+            with self.fs.open(self._path("images", image_id, ".png"), "rb") as f:
+                return f.read()
+        except (KeyError, FileNotFoundError):
+            return None
 
     def set_progress(self, job_id: str, percent: int) -> None:
         self._write(self._path("progress", job_id, ".json"), json.dumps({"progress": percent}).encode())

@@ -223,6 +223,68 @@ def _cogvideox(scale: int) -> tuple[Any, dict[str, Any]]:
     return pipe, {"guidance_scale": 6.0}
 
 
+def _flux(scale: int) -> tuple[Any, dict[str, Any]]:
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5EncoderModel
+
+    torch.manual_seed(0)
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=3 + 256,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            projection_dim=32,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=0,
+            hidden_act="gelu",
+        )
+    )
+    torch.manual_seed(1)
+    t5 = T5EncoderModel(_t5_config("t5", 32, 2))
+    torch.manual_seed(2)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+        guidance_embeds=True,
+    )
+    torch.manual_seed(3)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=2,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    pipe = FluxPipeline(
+        tokenizer=_byte_tokenizer(77),
+        text_encoder=clip,
+        tokenizer_2=_byte_tokenizer(512),
+        text_encoder_2=t5,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+    return pipe, {"guidance_scale": 3.5}
+
+
 # name -> (builder, scale, request defaults written beside the weights)
 PRESETS: dict[str, tuple[Callable[[int], tuple[Any, dict[str, Any]]], int, dict[str, Any]]] = {
     "tiny-wan": (_wan, 1, {"height": 64, "width": 64, "num_frames": 9, "fps": 8, "num_inference_steps": 4}),
@@ -232,6 +294,7 @@ PRESETS: dict[str, tuple[Callable[[int], tuple[Any, dict[str, Any]]], int, dict[
         {"height": 64, "width": 64, "num_frames": 9, "fps": 8, "num_inference_steps": 4},
     ),
     "tiny-ltx": (_ltx, 1, {"height": 64, "width": 64, "num_frames": 9, "fps": 8, "num_inference_steps": 4}),
+    "tiny-flux": (_flux, 1, {"height": 64, "width": 64, "num_frames": 1, "fps": 1, "num_inference_steps": 4}),
     "tiny-cogvideox": (
         _cogvideox,
         1,

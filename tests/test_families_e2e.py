@@ -1,10 +1,14 @@
 """Every family's tiny preset runs end to end through the bulk job and the online app."""
 
+import base64
+import io
 import json
 import socket
 import time
 
 import pytest
+import requests
+from PIL import Image
 
 from models.config import KinorayConfig
 from models.video import probe_video
@@ -12,7 +16,8 @@ from pipelines.job import run_job
 
 pytestmark = pytest.mark.integration
 
-PRESETS = ["tiny-wan", "tiny-wan22", "tiny-cogvideox", "tiny-ltx"]
+PRESETS = ["tiny-wan", "tiny-wan22", "tiny-cogvideox", "tiny-ltx", "tiny-flux"]
+IMAGE_PRESETS = {"tiny-flux"}
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +45,21 @@ def test_bulk_and_online(port, preset, tmp_path):
     config = KinorayConfig.model_validate(
         {"model": {"weights": preset}, "serve": {"storage": str(tmp_path / "store")}}
     )
+    image = preset in IMAGE_PRESETS
+    frames = 1 if image else 17
+    rows = [
+        {"id": "a", "prompt": "a fox", "seed": 1},
+        {"id": "b", "prompt": "a boat", "height": 32, "width": 64, "num_frames": frames},
+    ]
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text(
-        json.dumps({"id": "a", "prompt": "a fox", "seed": 1})
-        + "\n"
-        + json.dumps({"id": "b", "prompt": "a boat", "height": 32, "width": 64, "num_frames": 17})
-        + "\n"
-    )
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = run_job(str(prompts), str(tmp_path / "out"), config, progress=False)
     assert (summary.ok, summary.failed) == (2, 0)
-    assert probe_video((tmp_path / "out" / "videos" / "b.mp4").read_bytes())["frames"] == 17
+    if image:
+        with Image.open(tmp_path / "out" / "videos" / "b.png") as im:
+            assert im.size == (64, 32)
+    else:
+        assert probe_video((tmp_path / "out" / "videos" / "b.mp4").read_bytes())["frames"] == 17
 
     serve.run(build(config), name=preset, route_prefix=f"/{preset}")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/{preset}/v1", api_key="x", max_retries=0)
@@ -59,6 +69,23 @@ def test_bulk_and_online(port, preset, tmp_path):
         time.sleep(0.1)
         video = client.videos.retrieve(video.id)
     assert video.status == "completed", video.error
-    info = probe_video(client.videos.download_content(video.id).content)
-    assert (info["width"], info["height"], info["frames"]) == (64, 64, 9)
+    content = client.videos.download_content(video.id).content
+    if image:
+        assert Image.open(io.BytesIO(content)).size == (64, 64)
+    else:
+        info = probe_video(content)
+        assert (info["width"], info["height"], info["frames"]) == (64, 64, 9)
+
+    # OpenAI's Images API, on every family (a one-frame generation).
+    res = client.images.generate(
+        prompt="a red apple", model=preset, n=2, size="64x32", response_format="b64_json"
+    )
+    pngs = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in res.data]
+    assert [im.size for im in pngs] == [(64, 32), (64, 32)]
+    assert pngs[0].tobytes() != pngs[1].tobytes()  # consecutive seeds, two different images
+    res = client.images.generate(prompt="a red apple", model=preset, size="64x32", response_format="url")
+    fetched = requests.get(res.data[0].url, timeout=30)
+    assert fetched.status_code == 200 and Image.open(io.BytesIO(fetched.content)).size == (64, 32)
+    with pytest.raises(openai.BadRequestError):
+        client.images.generate(prompt="x", model=preset, size="100x100")
     serve.delete(preset)

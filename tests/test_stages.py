@@ -14,7 +14,7 @@ from models.stages import Decoder, Denoiser, TextEncoder, requests_to_batch
 PROMPTS = [("a red fox in the snow", 11), ("surfing at sunset, wide shot", 2024), ("rain on a window", 7)]
 
 
-@pytest.fixture(scope="module", params=["tiny-wan", "tiny-wan22", "tiny-cogvideox", "tiny-ltx"])
+@pytest.fixture(scope="module", params=["tiny-wan", "tiny-wan22", "tiny-cogvideox", "tiny-ltx", "tiny-flux"])
 def local(request):
     return LocalPipeline(KinorayConfig(model=ModelSpec(weights=request.param)))
 
@@ -25,19 +25,24 @@ def reference(local, req):
     cls = getattr(diffusers, local.encoder.adapter.pipeline_class)
     pipe = cls.from_pretrained(spec.path)
     pipe.set_progress_bar_config(disable=True)
-    frames = pipe(
+    family = spec.resolved_family
+    extra = {"num_frames": req.num_frames}
+    if family == "ltx":  # LTX-Video conditions on the frame rate; its pipeline calls it `frame_rate`
+        extra["frame_rate"] = req.fps
+    if family == "flux":  # an image model: no frame count, and one image out
+        extra = {}
+    out = pipe(
         prompt=req.prompt,
         negative_prompt=req.negative_prompt,
         height=req.height,
         width=req.width,
-        num_frames=req.num_frames,
         num_inference_steps=req.num_inference_steps,
         guidance_scale=req.guidance_scale,
         generator=torch.Generator().manual_seed(req.seed),
         output_type="np",
-        # LTX-Video conditions on the frame rate; its pipeline takes it as `frame_rate`.
-        **({"frame_rate": req.fps} if spec.resolved_family == "ltx" else {}),
-    ).frames
+        **extra,
+    )
+    frames = out.images[:, None] if family == "flux" else out.frames
     return to_uint8(frames)[0]
 
 
@@ -77,11 +82,12 @@ def test_denoiser_batch_of_four_equals_four_batches_of_one(local):
 def test_denoiser_groups_rows_by_shape(local):
     reqs = [
         local.request(prompt="a", seed=1),
-        local.request(prompt="b", seed=2, height=32, width=64, num_frames=17),
+        local.request(prompt="b", seed=2, height=32, width=64, num_frames=local.defaults.num_frames * 2 - 1),
         local.request(prompt="c", seed=3),
     ]
     out = local.run(reqs)
-    assert [f.shape for f in out["frames"]] == [(9, 64, 64, 3), (17, 32, 64, 3), (9, 64, 64, 3)]
+    t = local.defaults.num_frames
+    assert [f.shape for f in out["frames"]] == [(t, 64, 64, 3), (2 * t - 1, 32, 64, 3), (t, 64, 64, 3)]
     # Same request alone gives the same frames as inside a mixed batch.
     alone = local.run([reqs[1]])["frames"][0]
     assert np.abs(alone.astype(int) - out["frames"][1].astype(int)).max() <= 1
@@ -104,7 +110,7 @@ def test_failed_rows_pass_through_every_stage(local):
     batch["error"] = np.array(["", "validation: bad"], dtype=object)
     out = local.decoder(local.denoiser(local.encoder(batch)))
     assert list(out["error"]) == ["", "validation: bad"]
-    assert out["frames"][0].shape[0] == 9 and out["frames"][1].size == 0
+    assert out["frames"][0].shape[0] == local.defaults.num_frames and out["frames"][1].size == 0
 
 
 def test_stages_load_only_their_own_components():

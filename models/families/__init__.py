@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from models.families.base import FamilyAdapter, Stage
 from models.families.cogvideox import CogVideoXAdapter
+from models.families.flux import FluxAdapter
 from models.families.ltx import LTXAdapter
 from models.families.wan import WanAdapter
 from models.spec import ModelSpec
 
-FAMILIES: dict[str, type[FamilyAdapter]] = {a.name: a for a in (WanAdapter, CogVideoXAdapter, LTXAdapter)}
+FAMILIES: dict[str, type[FamilyAdapter]] = {
+    a.name: a for a in (WanAdapter, CogVideoXAdapter, LTXAdapter, FluxAdapter)
+}
 
 
 def adapter_class(spec: ModelSpec) -> type[FamilyAdapter]:

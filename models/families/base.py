@@ -18,7 +18,9 @@ StepCallback = Callable[[int, int], None]  # (steps done, total steps)
 
 # Which pipeline components each stage loads; everything else is passed to from_pretrained as None.
 STAGE_COMPONENTS: dict[str, frozenset[str]] = {
-    "encode": frozenset({"tokenizer", "text_encoder"}),
+    "encode": frozenset(
+        {"tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "tokenizer_3", "text_encoder_3"}
+    ),
     "denoise": frozenset({"transformer", "transformer_2", "scheduler"}),
     "decode": frozenset({"vae"}),
 }
@@ -37,6 +39,7 @@ class FamilyAdapter:
     # What the text encoder hands the denoiser, by the names the pipeline's `__call__` takes;
     # each also travels as `negative_<name>`.
     conditioning: ClassVar[tuple[str, ...]] = ("prompt_embeds",)
+    is_image_model: ClassVar[bool] = False
     default_max_sequence_length: ClassVar[int]
     defaults: ClassVar[RequestDefaults]
 
@@ -172,9 +175,7 @@ class FamilyAdapter:
         with torch.inference_mode():
             latents = self.pipe(
                 **tensors,
-                height=height,
-                width=width,
-                num_frames=num_frames,
+                **self._shape_args(height, width, num_frames, fps),
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 generator=generators,
@@ -182,27 +183,29 @@ class FamilyAdapter:
                 output_type="latent",
                 callback_on_step_end=callback,
                 return_dict=False,
-                **self._call_options(fps),
             )[0]
         return self._latents_out(latents, height, width, num_frames).float().cpu().numpy()
 
-    def _call_options(self, fps: int) -> dict[str, Any]:
-        """Family-specific `__call__` arguments that follow from the request."""
-        return {}
+    def _shape_args(self, height: int, width: int, num_frames: int, fps: int) -> dict[str, Any]:
+        """The request's shape as this pipeline's `__call__` takes it."""
+        return {"height": height, "width": width, "num_frames": num_frames}
 
     def _latents_out(self, latents: Any, height: int, width: int, num_frames: int) -> Any:
         """The pipeline's latent output -> what its VAE decode path starts from."""
         return latents
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Latents of one shape -> uint8 frames (N, T, H, W, 3)."""
+        """Latents of one shape -> uint8 frames (N, T, H, W, 3); T is 1 for image models."""
         import torch
 
         vae = self.pipe.vae
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(latents)).to(self.pipe._execution_device, vae.dtype)
-            video = self._vae_decode(x)
-            frames = self.pipe.video_processor.postprocess_video(video, output_type="np")
+            decoded = self._vae_decode(x)
+            if self.is_image_model:
+                frames = self.pipe.image_processor.postprocess(decoded, output_type="np")[:, None]
+            else:
+                frames = self.pipe.video_processor.postprocess_video(decoded, output_type="np")
         return to_uint8(frames)
 
     def _vae_decode(self, latents: Any) -> Any:

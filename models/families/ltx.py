@@ -57,9 +57,9 @@ class LTXAdapter(FamilyAdapter):
         )
         return embeds, mask
 
-    def _call_options(self, fps: int) -> dict[str, Any]:
+    def _shape_args(self, height: int, width: int, num_frames: int, fps: int) -> dict[str, Any]:
         # LTX scales its rotary position embedding by the frame rate.
-        return {"frame_rate": fps}
+        return {**super()._shape_args(height, width, num_frames, fps), "frame_rate": fps}
 
     def _latents_out(self, latents: Any, height: int, width: int, num_frames: int) -> Any:
         # The latent output is packed into tokens: unpack it to (B, C, F, H, W) as __call__ does.
