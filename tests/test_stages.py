@@ -128,3 +128,24 @@ def test_stages_load_only_their_own_components():
     denoiser = Denoiser(ModelSpec(weights="tiny-wan22")).adapter.pipe
     assert denoiser.transformer is not None and denoiser.transformer_2 is not None
     assert denoiser.config.boundary_ratio == 0.875
+
+
+@pytest.mark.parametrize("preset, cache", [("tiny-wan", "first_block"), ("tiny-cogvideox", "faster")])
+def test_step_caching_runs_and_is_enabled(preset, cache):
+    spec = ModelSpec(weights=preset, cache=cache, cache_threshold=0.5)
+    local = LocalPipeline(KinorayConfig(model=spec))
+    assert local.denoiser.adapter.pipe.transformer.is_cache_enabled
+    out = local.run([local.request(prompt="cached", seed=1, num_inference_steps=8)])
+    assert out["error"][0] == "" and out["frames"][0].shape == (9, 64, 64, 3)
+
+
+def test_faster_cache_is_refused_where_the_family_cannot_use_it():
+    with pytest.raises(ValueError, match="not supported by the wan family"):
+        Denoiser(ModelSpec(weights="tiny-wan", cache="faster"))
+
+
+def test_compile_wraps_the_denoiser_transformer():
+    pipe = Denoiser(ModelSpec(weights="tiny-wan22", compile=True)).adapter.pipe
+    # nn.Module.compile() swaps in a compiled forward; running it would only cost compile time here.
+    assert pipe.transformer._compiled_call_impl is not None
+    assert pipe.transformer_2._compiled_call_impl is not None

@@ -40,6 +40,9 @@ class FamilyAdapter:
     # each also travels as `negative_<name>`.
     conditioning: ClassVar[tuple[str, ...]] = ("prompt_embeds",)
     is_image_model: ClassVar[bool] = False
+    # FasterCache skips the unconditional half of a batched CFG pass: only for pipelines that batch
+    # the two (CogVideoX); Wan, LTX and FLUX run them apart or not at all.
+    supports_faster_cache: ClassVar[bool] = False
     default_max_sequence_length: ClassVar[int]
     defaults: ClassVar[RequestDefaults]
 
@@ -101,7 +104,11 @@ class FamilyAdapter:
             dtype=self.spec.torch_dtype(),
             **skipped,
         )
-        pipe.to(self.spec.torch_device())
+        device = self.spec.torch_device()
+        if self.spec.cpu_offload and device.startswith("cuda"):
+            pipe.enable_model_cpu_offload(device=device)
+        else:
+            pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         # Without its VAE the pipeline falls back to hard-coded scale factors: use the checkpoint's.
         if stage != "decode":
@@ -113,7 +120,31 @@ class FamilyAdapter:
                 pipe.vae.enable_tiling()
             if self.spec.vae_slicing:
                 pipe.vae.enable_slicing()
+        if stage == "denoise":
+            self._speedups(pipe)
         return pipe
+
+    def _speedups(self, pipe: Any) -> None:
+        """Step caching and compilation of the denoiser's transformer(s), as the config asks."""
+        from diffusers import FasterCacheConfig, FirstBlockCacheConfig
+
+        if self.spec.cache == "faster" and not self.supports_faster_cache:
+            raise ValueError(f"cache 'faster' is not supported by the {self.name} family; use 'first_block'")
+        for name in ("transformer", "transformer_2"):
+            model = getattr(pipe, name, None)
+            if model is None:
+                continue
+            if self.spec.cache == "first_block":
+                model.enable_cache(FirstBlockCacheConfig(threshold=self.spec.cache_threshold))
+            elif self.spec.cache == "faster":
+                model.enable_cache(
+                    FasterCacheConfig(
+                        current_timestep_callback=lambda: pipe.current_timestep,
+                        is_guidance_distilled=self.is_image_model,
+                    )
+                )
+            if self.spec.compile:
+                model.compile()
 
     # -- the three stages ---------------------------------------------------------------------
 
