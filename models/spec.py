@@ -18,7 +18,9 @@ PIPELINE_FAMILIES = {
     "WanPipeline": "wan",
     "CogVideoXPipeline": "cogvideox",
     "LTXPipeline": "ltx",
+    "HunyuanVideoPipeline": "hunyuan",
     "FluxPipeline": "flux",
+    "StableDiffusion3Pipeline": "sd3",
 }
 
 
@@ -28,7 +30,7 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     weights: str = Field(default=tiny.DEFAULT_MODEL, description="preset name, local path or hub id")
-    family: Literal["auto", "wan", "cogvideox", "ltx", "flux"] = "auto"
+    family: Literal["auto", "wan", "cogvideox", "ltx", "hunyuan", "flux", "sd3"] = "auto"
     revision: str | None = None
     dtype: DType = Field(default="auto", description="auto: bfloat16 on CUDA, float32 on CPU")
     device: str = Field(default="auto", description="auto: cuda when available, else cpu")

@@ -223,6 +223,90 @@ def _cogvideox(scale: int) -> tuple[Any, dict[str, Any]]:
     return pipe, {"guidance_scale": 6.0}
 
 
+def _hunyuan(scale: int) -> tuple[Any, dict[str, Any]]:
+    import torch
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    llama = LlamaModel(
+        LlamaConfig(
+            vocab_size=3 + 256,
+            hidden_size=16,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            num_hidden_layers=2,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=0,
+            hidden_act="gelu",
+        )
+    )
+    torch.manual_seed(1)
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=3 + 256,
+            hidden_size=8,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            projection_dim=32,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=0,
+            hidden_act="gelu",
+        )
+    )
+    torch.manual_seed(2)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=10,
+        num_layers=1,
+        num_single_layers=1,
+        num_refiner_layers=1,
+        patch_size=1,
+        patch_size_t=1,
+        guidance_embeds=True,
+        text_embed_dim=16,
+        pooled_projection_dim=8,
+        rope_axes_dim=(2, 4, 4),
+    )
+    torch.manual_seed(3)
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        act_fn="silu",
+        norm_num_groups=4,
+        scaling_factor=0.476986,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+        mid_block_add_attention=True,
+    )
+    pipe = HunyuanVideoPipeline(
+        tokenizer=_byte_tokenizer(1024),
+        text_encoder=llama,
+        tokenizer_2=_byte_tokenizer(77),
+        text_encoder_2=clip,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+    )
+    return pipe, {"guidance_scale": 6.0}
+
+
 def _flux(scale: int) -> tuple[Any, dict[str, Any]]:
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -285,6 +369,76 @@ def _flux(scale: int) -> tuple[Any, dict[str, Any]]:
     return pipe, {"guidance_scale": 3.5}
 
 
+def _sd3(scale: int) -> tuple[Any, dict[str, Any]]:
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5EncoderModel
+
+    clip_config = CLIPTextConfig(
+        vocab_size=3 + 256,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        projection_dim=32,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=0,
+        hidden_act="gelu",
+    )
+    torch.manual_seed(0)
+    clip_l = CLIPTextModelWithProjection(clip_config)
+    torch.manual_seed(1)
+    clip_g = CLIPTextModelWithProjection(clip_config)
+    torch.manual_seed(2)
+    t5 = T5EncoderModel(_t5_config("t5", 64, 2))  # as wide as both CLIPs side by side
+    torch.manual_seed(3)
+    transformer = SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=2,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=64,
+        pooled_projection_dim=64,
+        out_channels=4,
+    )
+    torch.manual_seed(4)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=2,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    pipe = StableDiffusion3Pipeline(
+        tokenizer=_byte_tokenizer(77),
+        text_encoder=clip_l,
+        tokenizer_2=_byte_tokenizer(77),
+        text_encoder_2=clip_g,
+        tokenizer_3=_byte_tokenizer(256),
+        text_encoder_3=t5,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+    return pipe, {"guidance_scale": 7.0}
+
+
 # name -> (builder, scale, request defaults written beside the weights)
 PRESETS: dict[str, tuple[Callable[[int], tuple[Any, dict[str, Any]]], int, dict[str, Any]]] = {
     "tiny-wan": (_wan, 1, {"height": 64, "width": 64, "num_frames": 9, "fps": 8, "num_inference_steps": 4}),
@@ -294,7 +448,13 @@ PRESETS: dict[str, tuple[Callable[[int], tuple[Any, dict[str, Any]]], int, dict[
         {"height": 64, "width": 64, "num_frames": 9, "fps": 8, "num_inference_steps": 4},
     ),
     "tiny-ltx": (_ltx, 1, {"height": 64, "width": 64, "num_frames": 9, "fps": 8, "num_inference_steps": 4}),
+    "tiny-hunyuan": (
+        _hunyuan,
+        1,
+        {"height": 64, "width": 64, "num_frames": 9, "fps": 8, "num_inference_steps": 4},
+    ),
     "tiny-flux": (_flux, 1, {"height": 64, "width": 64, "num_frames": 1, "fps": 1, "num_inference_steps": 4}),
+    "tiny-sd3": (_sd3, 1, {"height": 64, "width": 64, "num_frames": 1, "fps": 1, "num_inference_steps": 4}),
     "tiny-cogvideox": (
         _cogvideox,
         1,

@@ -16,8 +16,8 @@ from pipelines.job import run_job
 
 pytestmark = pytest.mark.integration
 
-PRESETS = ["tiny-wan", "tiny-wan22", "tiny-cogvideox", "tiny-ltx", "tiny-flux"]
-IMAGE_PRESETS = {"tiny-flux"}
+PRESETS = ["tiny-wan", "tiny-wan22", "tiny-cogvideox", "tiny-ltx", "tiny-hunyuan", "tiny-flux", "tiny-sd3"]
+IMAGE_PRESETS = {"tiny-flux", "tiny-sd3"}
 
 
 @pytest.fixture(scope="module")

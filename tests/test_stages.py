@@ -14,7 +14,10 @@ from models.stages import Decoder, Denoiser, TextEncoder, requests_to_batch
 PROMPTS = [("a red fox in the snow", 11), ("surfing at sunset, wide shot", 2024), ("rain on a window", 7)]
 
 
-@pytest.fixture(scope="module", params=["tiny-wan", "tiny-wan22", "tiny-cogvideox", "tiny-ltx", "tiny-flux"])
+@pytest.fixture(
+    scope="module",
+    params=["tiny-wan", "tiny-wan22", "tiny-cogvideox", "tiny-ltx", "tiny-hunyuan", "tiny-flux", "tiny-sd3"],
+)
 def local(request):
     return LocalPipeline(KinorayConfig(model=ModelSpec(weights=request.param)))
 
@@ -29,7 +32,8 @@ def reference(local, req):
     extra = {"num_frames": req.num_frames}
     if family == "ltx":  # LTX-Video conditions on the frame rate; its pipeline calls it `frame_rate`
         extra["frame_rate"] = req.fps
-    if family == "flux":  # an image model: no frame count, and one image out
+    image = family in ("flux", "sd3")
+    if image:  # an image model: no frame count, and one image out
         extra = {}
     out = pipe(
         prompt=req.prompt,
@@ -42,7 +46,7 @@ def reference(local, req):
         output_type="np",
         **extra,
     )
-    frames = out.images[:, None] if family == "flux" else out.frames
+    frames = out.images[:, None] if image else out.frames
     return to_uint8(frames)[0]
 
 
