@@ -134,18 +134,30 @@ def test_stages_load_only_their_own_components():
     assert denoiser.config.boundary_ratio == 0.875
 
 
-@pytest.mark.parametrize("preset, cache", [("tiny-wan", "first_block"), ("tiny-cogvideox", "faster")])
+@pytest.mark.parametrize(
+    "preset, cache",
+    [
+        ("tiny-wan", "first_block"),
+        ("tiny-wan22", "first_block"),
+        ("tiny-cogvideox", "faster"),
+        ("tiny-hunyuan", "first_block"),
+        ("tiny-flux", "first_block"),
+        ("tiny-flux", "faster"),
+    ],
+)
 def test_step_caching_runs_and_is_enabled(preset, cache):
     spec = ModelSpec(weights=preset, cache=cache, cache_threshold=0.5)
     local = LocalPipeline(KinorayConfig(model=spec))
     assert local.denoiser.adapter.pipe.transformer.is_cache_enabled
     out = local.run([local.request(prompt="cached", seed=1, num_inference_steps=8)])
-    assert out["error"][0] == "" and out["frames"][0].shape == (9, 64, 64, 3)
+    assert out["error"][0] == "" and out["frames"][0].shape == (local.defaults.num_frames, 64, 64, 3)
 
 
 def test_faster_cache_is_refused_where_the_family_cannot_use_it():
-    with pytest.raises(ValueError, match="not supported by the wan family"):
+    with pytest.raises(ValueError, match="not supported by the wan family; supported: first_block"):
         Denoiser(ModelSpec(weights="tiny-wan", cache="faster"))
+    with pytest.raises(ValueError, match="not supported by the sd3 family; supported: none"):
+        Denoiser(ModelSpec(weights="tiny-sd3", cache="first_block"))
 
 
 def test_compile_wraps_the_denoiser_transformer():

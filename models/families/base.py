@@ -40,9 +40,10 @@ class FamilyAdapter:
     # each also travels as `negative_<name>`.
     conditioning: ClassVar[tuple[str, ...]] = ("prompt_embeds",)
     is_image_model: ClassVar[bool] = False
-    # FasterCache skips the unconditional half of a batched CFG pass: only for pipelines that batch
-    # the two (CogVideoX); Wan, LTX and FLUX run them apart or not at all.
-    supports_faster_cache: ClassVar[bool] = False
+    # diffusers' step caches that work with this family's transformer (checked with diffusers
+    # 0.42): FasterCache needs CFG run as one batch or distilled guidance; First Block Cache needs
+    # a block layout its hook recognises.
+    caches: ClassVar[frozenset[str]] = frozenset()
     default_max_sequence_length: ClassVar[int]
     defaults: ClassVar[RequestDefaults]
 
@@ -128,8 +129,11 @@ class FamilyAdapter:
         """Step caching and compilation of the denoiser's transformer(s), as the config asks."""
         from diffusers import FasterCacheConfig, FirstBlockCacheConfig
 
-        if self.spec.cache == "faster" and not self.supports_faster_cache:
-            raise ValueError(f"cache 'faster' is not supported by the {self.name} family; use 'first_block'")
+        if self.spec.cache != "none" and self.spec.cache not in self.caches:
+            supported = ", ".join(sorted(self.caches)) or "none"
+            raise ValueError(
+                f"cache {self.spec.cache!r} is not supported by the {self.name} family; supported: {supported}"
+            )
         for name in ("transformer", "transformer_2"):
             model = getattr(pipe, name, None)
             if model is None:

@@ -13,7 +13,7 @@ class CogVideoXAdapter(FamilyAdapter):
     name = "cogvideox"
     pipeline_class = "CogVideoXPipeline"
     default_max_sequence_length = 226
-    supports_faster_cache = True
+    caches = frozenset({"faster"})
     # The CogVideoX-5b model card's settings.
     defaults = RequestDefaults(
         height=480, width=720, num_frames=49, fps=8, num_inference_steps=50, guidance_scale=6.0

@@ -14,6 +14,7 @@ class FluxAdapter(FamilyAdapter):
     name = "flux"
     pipeline_class = "FluxPipeline"
     default_max_sequence_length = 512
+    caches = frozenset({"first_block", "faster"})
     conditioning = ("prompt_embeds", "pooled_prompt_embeds")
     is_image_model = True
     # FLUX.1-dev's model card: guidance is distilled into the model (no negative pass).

@@ -14,6 +14,7 @@ class HunyuanVideoAdapter(FamilyAdapter):
     name = "hunyuan"
     pipeline_class = "HunyuanVideoPipeline"
     default_max_sequence_length = 256
+    caches = frozenset({"first_block"})
     conditioning = ("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask")
     # The HunyuanVideo model card's 720p settings; guidance is distilled into the transformer.
     defaults = RequestDefaults(

@@ -13,6 +13,7 @@ class WanAdapter(FamilyAdapter):
     name = "wan"
     pipeline_class = "WanPipeline"
     default_max_sequence_length = 512
+    caches = frozenset({"first_block"})
     # The Wan 2.1 T2V model card's settings for 480p.
     defaults = RequestDefaults(
         height=480, width=832, num_frames=81, fps=16, num_inference_steps=50, guidance_scale=5.0
