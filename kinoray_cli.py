@@ -10,16 +10,10 @@ import sys
 import time
 from typing import Any
 
-REQUEST_FLAGS = (
-    "negative_prompt",
-    "height",
-    "width",
-    "num_frames",
-    "fps",
-    "num_inference_steps",
-    "guidance_scale",
-    "seed",
-)
+from models.request import GenerationRequest
+
+# Request fields the generate command takes as flags (the prompt is positional, the id derived).
+REQUEST_FLAGS = [f for f in GenerationRequest.model_fields if f not in ("id", "prompt")]
 
 
 def _load_config(args: argparse.Namespace) -> Any:

@@ -15,13 +15,7 @@ from models.config import KinorayConfig, StageConfig
 
 
 def _options(name: str, stage: StageConfig) -> dict[str, Any]:
-    actor: dict[str, Any] = {"num_cpus": stage.num_cpus}
-    if stage.num_gpus:
-        actor["num_gpus"] = stage.num_gpus
-    if stage.memory_gb:
-        actor["memory"] = stage.memory_gb * 1024**3
-    if stage.resources:
-        actor["resources"] = dict(stage.resources)
+    actor = stage.ray_resources()
     return {
         "name": name,
         "ray_actor_options": actor,

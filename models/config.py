@@ -32,6 +32,17 @@ class StageConfig(BaseModel):
     max_ongoing_requests: int = Field(default=8, ge=1)
     batch_wait_timeout_s: float = Field(default=0.05, ge=0)
 
+    def ray_resources(self) -> dict[str, Any]:
+        """What each replica reserves, named as both `map_batches` and `ray_actor_options` take it."""
+        out: dict[str, Any] = {"num_cpus": self.num_cpus}
+        if self.num_gpus:
+            out["num_gpus"] = self.num_gpus
+        if self.memory_gb:
+            out["memory"] = self.memory_gb * 1024**3
+        if self.resources:
+            out["resources"] = dict(self.resources)
+        return out
+
     @model_validator(mode="after")
     def _bounds(self) -> StageConfig:
         if self.min_replicas > self.max_replicas:

@@ -65,6 +65,44 @@ def _t5_config(cls_name: str, d_model: int, layers: int) -> Any:
     )
 
 
+def _clip_config(hidden: int) -> Any:
+    from transformers import CLIPTextConfig
+
+    # Token ids follow the byte tokenizer: pad 0, eos 1 (CLIP pools at the eos position).
+    return CLIPTextConfig(
+        vocab_size=3 + 256,
+        hidden_size=hidden,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        projection_dim=32,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=0,
+        hidden_act="gelu",
+    )
+
+
+def _image_vae() -> Any:
+    """A 2D VAE with FLUX's / SD3's latent shift and scale."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=2,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+
+
 def _wan(scale: int, experts: int = 1) -> tuple[Any, dict[str, Any]]:
     import torch
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
@@ -231,7 +269,7 @@ def _hunyuan(scale: int) -> tuple[Any, dict[str, Any]]:
         HunyuanVideoPipeline,
         HunyuanVideoTransformer3DModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+    from transformers import CLIPTextModel, LlamaConfig, LlamaModel
 
     torch.manual_seed(0)
     llama = LlamaModel(
@@ -249,20 +287,7 @@ def _hunyuan(scale: int) -> tuple[Any, dict[str, Any]]:
         )
     )
     torch.manual_seed(1)
-    clip = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=3 + 256,
-            hidden_size=8,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            projection_dim=32,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=0,
-            hidden_act="gelu",
-        )
-    )
+    clip = CLIPTextModel(_clip_config(8))
     torch.manual_seed(2)
     transformer = HunyuanVideoTransformer3DModel(
         in_channels=4,
@@ -309,24 +334,11 @@ def _hunyuan(scale: int) -> tuple[Any, dict[str, Any]]:
 
 def _flux(scale: int) -> tuple[Any, dict[str, Any]]:
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
 
     torch.manual_seed(0)
-    clip = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=3 + 256,
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            projection_dim=32,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=0,
-            hidden_act="gelu",
-        )
-    )
+    clip = CLIPTextModel(_clip_config(32))
     torch.manual_seed(1)
     t5 = T5EncoderModel(_t5_config("t5", 32, 2))
     torch.manual_seed(2)
@@ -343,20 +355,7 @@ def _flux(scale: int) -> tuple[Any, dict[str, Any]]:
         guidance_embeds=True,
     )
     torch.manual_seed(3)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=2,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    )
+    vae = _image_vae()
     pipe = FluxPipeline(
         tokenizer=_byte_tokenizer(77),
         text_encoder=clip,
@@ -372,25 +371,13 @@ def _flux(scale: int) -> tuple[Any, dict[str, Any]]:
 def _sd3(scale: int) -> tuple[Any, dict[str, Any]]:
     import torch
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
-    clip_config = CLIPTextConfig(
-        vocab_size=3 + 256,
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        projection_dim=32,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=0,
-        hidden_act="gelu",
-    )
+    clip_config = _clip_config(32)
     torch.manual_seed(0)
     clip_l = CLIPTextModelWithProjection(clip_config)
     torch.manual_seed(1)
@@ -411,20 +398,7 @@ def _sd3(scale: int) -> tuple[Any, dict[str, Any]]:
         out_channels=4,
     )
     torch.manual_seed(4)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=2,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    )
+    vae = _image_vae()
     pipe = StableDiffusion3Pipeline(
         tokenizer=_byte_tokenizer(77),
         text_encoder=clip_l,

@@ -102,22 +102,15 @@ def plan_rows(
 def _pool(stage: StageConfig) -> dict[str, Any]:
     import ray.data
 
-    args: dict[str, Any] = {
+    # Ray Data restarts a dead pool actor and retries its batches by default (max_restarts=-1).
+    return {
         "compute": ray.data.ActorPoolStrategy(
             min_size=max(1, stage.min_replicas), max_size=stage.max_replicas
         ),
         "batch_size": stage.batch_size,
-        "num_cpus": stage.num_cpus,
-        # Ray Data restarts a dead pool actor and retries its batches by default (max_restarts=-1).
         "batch_format": "numpy",
+        **stage.ray_resources(),
     }
-    if stage.num_gpus:
-        args["num_gpus"] = stage.num_gpus
-    if stage.memory_gb:
-        args["memory"] = stage.memory_gb * 1024**3
-    if stage.resources:
-        args["resources"] = dict(stage.resources)
-    return args
 
 
 def build_dataset(todo: list[dict[str, Any]], config: KinorayConfig, output: str, run: str) -> Any:

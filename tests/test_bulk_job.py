@@ -10,6 +10,7 @@ from videocheck import SAME_VIDEO_DB, decoded, psnr
 
 from models.config import KinorayConfig, StageConfig
 from models.local import LocalPipeline
+from models.stages import REQUEST_COLUMNS
 from models.video import encode_video, probe_video
 from pipelines import manifest
 from pipelines.job import run_job
@@ -124,19 +125,7 @@ def test_each_video_equals_the_in_process_result(first_run):
         )
         assert r["encode_s"] > 0 and r["denoise_s"] > 0 and r["decode_s"] > 0
     # Ray's batches and pools change nothing: decoded frames match the in-process run of each row.
-    fields = (
-        "id",
-        "prompt",
-        "negative_prompt",
-        "height",
-        "width",
-        "num_frames",
-        "fps",
-        "num_inference_steps",
-        "guidance_scale",
-        "seed",
-    )
-    reqs = [local.request(**{k: r[k] for k in fields}) for r in ok]
+    reqs = [local.request(**{k: r[k] for k in REQUEST_COLUMNS}) for r in ok]
     expected = local.run(reqs)["frames"]
     for r, ref in zip(ok, expected):
         got = decoded(open(r["output"], "rb").read())

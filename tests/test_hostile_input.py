@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from models.config import KinorayConfig
 from models.request import RequestDefaults, RequestError, RequestLimits, build_request
+from models.stages import REQUEST_COLUMNS
 from pipelines.job import plan_rows
 from pipelines.table import InputError, read_prompt_table
 
@@ -15,19 +16,7 @@ DEFAULTS = RequestDefaults(
     height=64, width=64, num_frames=9, fps=8, num_inference_steps=4, guidance_scale=5.0
 )
 LIMITS = RequestLimits()
-FIELDS = [
-    "id",
-    "prompt",
-    "negative_prompt",
-    "height",
-    "width",
-    "num_frames",
-    "fps",
-    "num_inference_steps",
-    "guidance_scale",
-    "seed",
-    "extra",
-]
+FIELDS = [*REQUEST_COLUMNS, "extra"]
 values = st.one_of(
     st.none(),
     st.booleans(),
