@@ -96,7 +96,13 @@ def compact(output: str, run: str) -> pa.Table:
 
 
 def done_ids(output: str) -> set[str]:
-    """Ids whose manifest row is `ok` and whose video file still exists."""
+    """Ids whose manifest row is `ok` and whose video file still exists.
+
+    Resume reads the manifest rather than Ray Data's `CheckpointConfig(id_column=...)`, which
+    lacks three things a job here needs: it filters on an id column of the input file (rows
+    without ids get theirs from their content, after reading), its id log is its own and does not
+    notice a deleted video or manifest row, and it checkpoints whole blocks.
+    """
     table = read(output)
     ok = {r["id"]: r["output"] for r in table.to_pylist() if r["status"] == "ok"}
     if not ok:
