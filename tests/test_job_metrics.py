@@ -1,0 +1,44 @@
+"""The bulk driver's metrics: served while the job runs, pushed to a Pushgateway at the end."""
+
+import http.server
+import socket
+import threading
+import urllib.request
+
+from pipelines.progress import JobMetrics
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_progress_is_served_and_the_summary_pushed():
+    pushed = []
+
+    class Gateway(http.server.BaseHTTPRequestHandler):
+        def do_PUT(self):
+            pushed.append((self.path, self.rfile.read(int(self.headers["Content-Length"])).decode()))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    gateway = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Gateway)
+    threading.Thread(target=gateway.serve_forever, daemon=True).start()
+    port = free_port()
+    metrics = JobMetrics("run-1", total=5, port=port, pushgateway=f"127.0.0.1:{gateway.server_address[1]}")
+    metrics.add("skipped", 1)
+    metrics.add("ok", 3)
+    metrics.add("failed", 1)
+    scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'kinoray_job_rows_total{status="ok"} 3.0' in scraped
+    assert "kinoray_job_rows_remaining 0.0" in scraped
+    assert "kinoray_job_rows_planned 5.0" in scraped
+    metrics.finish()
+    gateway.shutdown()
+    ((path, body),) = pushed
+    assert path == "/metrics/job/kinoray_batch/run/run-1"
+    assert 'kinoray_job_rows_total{status="failed"} 1.0' in body
