@@ -1,5 +1,7 @@
 """The ingress deployment: OpenAI's Videos API, driving encoder -> denoiser -> decoder handles."""
 
+# No `from __future__ import annotations` here: FastAPI must see real types on the routes, and
+# Serve's class-based ingress resolves them at import time.
 import asyncio
 import base64
 import logging
