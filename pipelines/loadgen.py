@@ -37,7 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", required=True, help="http://host:port")
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--concurrency", type=int, default=4)
-    p.add_argument("--poll", type=float, default=0.5, help="seconds between status polls (the openai SDK polls every 1 s)")
+    p.add_argument(
+        "--poll",
+        type=float,
+        default=0.5,
+        help="seconds between status polls (the openai SDK polls every 1 s)",
+    )
     args = p.parse_args(argv)
     latencies: list[float] = []
     statuses: list[str] = []
