@@ -15,18 +15,10 @@ from typing import Any
 import fsspec
 import pyarrow.parquet as pq
 
-COLUMNS = (
-    "id",
-    "prompt",
-    "negative_prompt",
-    "seed",
-    "height",
-    "width",
-    "num_frames",
-    "fps",
-    "num_inference_steps",
-    "guidance_scale",
-)
+from models.request import GenerationRequest
+
+# A table holds requests: its columns are GenerationRequest's fields.
+COLUMNS = tuple(GenerationRequest.model_fields)
 FORMATS = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",

@@ -2,11 +2,10 @@
 
 import json
 import os
-import socket
 
 import pyarrow.parquet as pq
 import pytest
-from videocheck import SAME_VIDEO_DB, decoded, psnr
+from helpers import SAME_VIDEO_DB, decoded, free_port, psnr
 
 from models.config import KinorayConfig, StageConfig
 from models.local import LocalPipeline
@@ -50,12 +49,6 @@ def write_jsonl(path, rows):
         for r in rows:
             f.write(json.dumps(r) + "\n")
     return str(path)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

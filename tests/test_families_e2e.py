@@ -3,11 +3,11 @@
 import base64
 import io
 import json
-import socket
 import time
 
 import pytest
 import requests
+from helpers import free_port
 from PIL import Image
 
 from models.config import KinorayConfig
@@ -25,9 +25,7 @@ def port():
     import ray
     from ray import serve
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port

@@ -3,13 +3,13 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import psutil
 import pytest
+from helpers import free_port
 
 from models.config import KinorayConfig
 from models.video import probe_video
@@ -26,12 +26,6 @@ def kill_process(title_part):
             p.kill()
             return p.pid
     raise AssertionError(f"no process titled *{title_part}*")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

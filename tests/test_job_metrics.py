@@ -1,17 +1,12 @@
 """The bulk driver's metrics: served while the job runs, pushed to a Pushgateway at the end."""
 
 import http.server
-import socket
 import threading
 import urllib.request
 
+from helpers import free_port
+
 from pipelines.progress import JobMetrics
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_progress_is_served_and_the_summary_pushed():

@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from helpers import free_port
 
 from models.config import KinorayConfig
 from models.telemetry import METRICS
@@ -21,12 +21,6 @@ PROMETHEUS = shutil.which("prometheus")
 ROWS = 24
 STEPS = 40
 ONLINE = 4
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

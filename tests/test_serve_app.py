@@ -1,14 +1,13 @@
 """The Serve application driven over HTTP by the official openai client and by raw requests."""
 
-import socket
 import threading
 import time
 
 import openai
 import pytest
 import requests
+from helpers import SAME_VIDEO_DB, decoded, free_port, psnr
 from hypothesis import HealthCheck, settings
-from videocheck import SAME_VIDEO_DB, decoded, psnr
 
 from models.config import KinorayConfig
 from models.local import LocalPipeline
@@ -17,12 +16,6 @@ from models.video import encode_video, probe_video
 pytestmark = pytest.mark.integration
 
 KEY = "sk-kinoray-test"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,8 @@
-"""Comparing videos that went through float math in different batch compositions."""
+"""Test helpers: comparing videos that went through float math in different batch compositions,
+and free loopback ports."""
 
 import io
+import socket
 
 import av
 import numpy as np
@@ -19,3 +21,9 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 # Float32 rounding differs between batch sizes, and a random tiny model amplifies it over the
 # denoising steps by a few levels of 255 (>= 35 dB); another seed or prompt gives ~10-15 dB.
 SAME_VIDEO_DB = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
