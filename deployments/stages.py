@@ -7,6 +7,7 @@ arrays) per request; the denoiser reports step progress to the job store.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ from models.stages import Batch, Decoder, Denoiser, TextEncoder, batch_len, obje
 from models.video import encode_video, video_suffix
 
 Row = dict[str, Any]
+PROGRESS_INTERVAL_S = 0.25
 
 
 def rows_to_batch(rows: list[Row]) -> Batch:
@@ -78,9 +80,19 @@ class DenoiserDeployment(_BatchedStage):
         super().__init__(batch_size, batch_wait_timeout_s)
         self.stage = Denoiser(model, max_batch_size=batch_size)
         self.store = JobStore(storage)
+        self._last_progress: dict[str, float] = {}
 
     def _progress(self, ids: list[str], done: int, total: int) -> None:
         # Denoising is ~90% of a job: steps map to 5..90%, decoding and storing to the rest.
+        # This runs between denoising steps: storage writes (a PUT each on object storage) are
+        # limited to one per PROGRESS_INTERVAL_S per batch, plus the last step.
+        now = time.monotonic()
+        key = ids[0]
+        if done < total and now - self._last_progress.get(key, 0.0) < PROGRESS_INTERVAL_S:
+            return
+        self._last_progress[key] = now
+        if done == total:
+            self._last_progress.pop(key, None)
         percent = 5 + int(85 * done / total)
         for job_id in ids:
             self.store.set_progress(job_id, percent)

@@ -18,7 +18,7 @@ from typing import Any
 
 DEFAULTS_FILE = "kinoray.json"
 # Bumped whenever a preset changes, so a cached build of an older preset is never reused.
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 
 
 def cache_dir() -> Path:
@@ -103,7 +103,7 @@ def _image_vae() -> Any:
     )
 
 
-def _wan(scale: int, experts: int = 1) -> tuple[Any, dict[str, Any]]:
+def _wan(scale: int, experts: int = 1) -> Any:
     import torch
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5EncoderModel
@@ -153,10 +153,10 @@ def _wan(scale: int, experts: int = 1) -> tuple[Any, dict[str, Any]]:
         scheduler=scheduler,
         **two,
     )
-    return pipe, {"guidance_scale": 5.0}
+    return pipe
 
 
-def _ltx(scale: int) -> tuple[Any, dict[str, Any]]:
+def _ltx(scale: int) -> Any:
     import torch
     from diffusers import (
         AutoencoderKLLTXVideo,
@@ -207,10 +207,10 @@ def _ltx(scale: int) -> tuple[Any, dict[str, Any]]:
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(),
     )
-    return pipe, {"guidance_scale": 3.0}
+    return pipe
 
 
-def _cogvideox(scale: int) -> tuple[Any, dict[str, Any]]:
+def _cogvideox(scale: int) -> Any:
     import torch
     from diffusers import (
         AutoencoderKLCogVideoX,
@@ -258,10 +258,10 @@ def _cogvideox(scale: int) -> tuple[Any, dict[str, Any]]:
         vae=vae,
         scheduler=scheduler,
     )
-    return pipe, {"guidance_scale": 6.0}
+    return pipe
 
 
-def _hunyuan(scale: int) -> tuple[Any, dict[str, Any]]:
+def _hunyuan(scale: int) -> Any:
     import torch
     from diffusers import (
         AutoencoderKLHunyuanVideo,
@@ -329,10 +329,10 @@ def _hunyuan(scale: int) -> tuple[Any, dict[str, Any]]:
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
     )
-    return pipe, {"guidance_scale": 6.0}
+    return pipe
 
 
-def _flux(scale: int) -> tuple[Any, dict[str, Any]]:
+def _flux(scale: int) -> Any:
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5EncoderModel
@@ -365,10 +365,10 @@ def _flux(scale: int) -> tuple[Any, dict[str, Any]]:
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(),
     )
-    return pipe, {"guidance_scale": 3.5}
+    return pipe
 
 
-def _sd3(scale: int) -> tuple[Any, dict[str, Any]]:
+def _sd3(scale: int) -> Any:
     import torch
     from diffusers import (
         FlowMatchEulerDiscreteScheduler,
@@ -410,11 +410,11 @@ def _sd3(scale: int) -> tuple[Any, dict[str, Any]]:
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
     )
-    return pipe, {"guidance_scale": 7.0}
+    return pipe
 
 
-# name -> (builder, scale, request defaults written beside the weights)
-PRESETS: dict[str, tuple[Callable[[int], tuple[Any, dict[str, Any]]], int, dict[str, Any]]] = {
+# name -> (builder, scale, request defaults written beside the weights; the rest are the family's)
+PRESETS: dict[str, tuple[Callable[[int], Any], int, dict[str, Any]]] = {
     "tiny-wan": (_wan, 1, {"height": 64, "width": 64, "num_frames": 9, "fps": 8, "num_inference_steps": 4}),
     "tiny-wan22": (
         lambda scale: _wan(scale, experts=2),
@@ -449,12 +449,12 @@ def is_preset(name: str) -> bool:
 def build(name: str, dest: Path) -> Path:
     """Build preset `name` into `dest` (atomically: concurrent builders never see half a model)."""
     builder, scale, defaults = PRESETS[name]
-    pipe, family_defaults = builder(scale)
+    pipe = builder(scale)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=dest.parent))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / DEFAULTS_FILE).write_text(json.dumps({"defaults": {**family_defaults, **defaults}}, indent=2))
+        (tmp / DEFAULTS_FILE).write_text(json.dumps({"defaults": defaults}, indent=2))
         try:
             os.rename(tmp, dest)
         except OSError:

@@ -266,41 +266,24 @@ def online(config: KinorayConfig, requests: int, levels: list[int], store: Path)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(cfg), name="bench", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
-    results = []
+
+    def load(requests: int, concurrency: int) -> dict[str, Any]:
+        cmd = [
+            "-m",
+            "pipelines.loadgen",
+            "--base",
+            base,
+            "--requests",
+            str(requests),
+            "--concurrency",
+            str(concurrency),
+        ]
+        out = subprocess.run([sys.executable, *cmd], check=True, capture_output=True, text=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
     try:
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pipelines.loadgen",
-                "--base",
-                base,
-                "--requests",
-                "2",
-                "--concurrency",
-                "2",
-            ],
-            check=True,
-            capture_output=True,
-        )
-        for c in levels:
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "pipelines.loadgen",
-                    "--base",
-                    base,
-                    "--requests",
-                    str(requests),
-                    "--concurrency",
-                    str(c),
-                ],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        load(2, 2)  # warm-up: every replica has run once
+        results = [load(requests, c) for c in levels]
     finally:
         serve.shutdown()
     return results

@@ -122,7 +122,10 @@ def test_openai_client_create_poll_download(client, local):
 
 
 def test_progress_moves_with_the_denoising_steps(client):
-    v = client.videos.create(prompt="slow one", extra_body={"num_inference_steps": 60, "seed": 1})
+    # Long enough (seconds) for several progress writes, which are at most one per 0.25 s.
+    v = client.videos.create(
+        prompt="slow one", size="128x128", extra_body={"num_inference_steps": 60, "seed": 1}
+    )
     done, seen = wait(client, v.id)
     assert done.status == "completed"
     middle = {p for s, p in seen if s == "in_progress" and 0 < p < 100}
