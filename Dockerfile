@@ -3,7 +3,8 @@
 ARG BASE=rayproject/ray:2.60.0-py311-gpu
 FROM ${BASE}
 WORKDIR /home/ray/kinoray
-COPY --chown=ray pyproject.toml README.md kinoray_cli.py ./
+COPY --chown=ray pyproject.toml README.md ./
+COPY --chown=ray kinoray kinoray
 COPY --chown=ray models models
 COPY --chown=ray pipelines pipelines
 COPY --chown=ray deployments deployments

@@ -10,7 +10,7 @@ export RAY_DATA_DISABLE_PROGRESS_BARS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: install run test serve bench lint clean
+.PHONY: install run test test-fast serve bench lint clean
 
 install: $(BIN)/.installed
 
@@ -27,6 +27,10 @@ run: install
 test: install
 	$(BIN)/python -m pytest -q -ra
 
+# The lane without Ray: request contract, stages, families, tables, API parsing (~1 minute).
+test-fast: install
+	$(BIN)/python -m pytest -q -ra -m "not integration"
+
 serve: install
 	$(BIN)/kinoray serve --config examples/serve.yaml
 
@@ -36,6 +40,7 @@ bench: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -14,7 +14,13 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from models.request import GenerationRequest, RequestDefaults, RequestError, RequestLimits, build_request
+from kinoray.models.request import (
+    GenerationRequest,
+    RequestBuilder,
+    RequestError,
+    partial_model,
+    request_fields,
+)
 
 MAX_BODY_BYTES = 1 << 20
 
@@ -64,8 +70,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-class VideoCreateBody(BaseModel):
-    """`POST /v1/videos`: OpenAI's fields, then kinoray's (sent as `extra_body` by the openai client)."""
+class OpenAIVideoFields(BaseModel):
+    """The fields of OpenAI's `POST /v1/videos`."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -74,19 +80,10 @@ class VideoCreateBody(BaseModel):
     seconds: float | None = Field(default=None, gt=0, le=600, description="clip length; sets num_frames")
     size: str | None = Field(default=None, description="WIDTHxHEIGHT, e.g. 832x480")
     input_reference: Any | None = None
-    # kinoray's own
-    seed: int | None = None
-    negative_prompt: str | None = None
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    fps: int | None = None
-    num_frames: int | None = None
-    height: int | None = None
-    width: int | None = None
 
 
-class ImageGenerateBody(BaseModel):
-    """`POST /v1/images/generations`: OpenAI's fields, then kinoray's."""
+class OpenAIImageFields(BaseModel):
+    """The fields of OpenAI's `POST /v1/images/generations`."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -99,26 +96,39 @@ class ImageGenerateBody(BaseModel):
     style: str | None = None
     user: str | None = None
     output_format: Literal["png"] | None = None
-    # kinoray's own
-    seed: int | None = None
-    negative_prompt: str | None = None
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
 
 
-def parse_images(
-    data: dict[str, Any],
-    served_models: list[str],
-    defaults: RequestDefaults,
-    limits: RequestLimits,
-    ids: list[str],
-) -> tuple[ImageGenerateBody, list[GenerationRequest]]:
-    """Body -> one single-frame request per image (consecutive seeds from `seed`)."""
+# kinoray's own fields, sent as `extra_body` by the openai client: the request's fields.
+_FIELDS = request_fields()
+VIDEO_EXTRA_FIELDS = [f for f in _FIELDS if f not in ("id", "prompt")]
+IMAGE_EXTRA_FIELDS = [f for f in VIDEO_EXTRA_FIELDS if f not in ("num_frames", "fps")]
+VideoCreateBody = partial_model(
+    "VideoCreateBody",
+    {k: _FIELDS[k] for k in VIDEO_EXTRA_FIELDS},
+    "`POST /v1/videos`: OpenAI's fields, then kinoray's.",
+    base=OpenAIVideoFields,
+)
+ImageGenerateBody = partial_model(
+    "ImageGenerateBody",
+    {k: _FIELDS[k] for k in IMAGE_EXTRA_FIELDS},
+    "`POST /v1/images/generations`: OpenAI's fields, then kinoray's.",
+    base=OpenAIImageFields,
+)
+
+
+def _validate(model: type[BaseModel], data: dict[str, Any]) -> Any:
     try:
-        body = ImageGenerateBody.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         err = RequestError.from_validation(exc)
         raise APIError(400, str(err), param=err.field, code="invalid_value") from None
+
+
+def parse_images(
+    data: dict[str, Any], served_models: list[str], builder: RequestBuilder, ids: list[str]
+) -> tuple[Any, list[GenerationRequest]]:
+    """Body -> one single-frame request per image (consecutive seeds from `seed`)."""
+    body = _validate(ImageGenerateBody, data)
     video = {
         k: v for k, v in body.model_dump().items() if k in VideoCreateBody.model_fields and v is not None
     }
@@ -127,7 +137,7 @@ def parse_images(
     requests = []
     for k, image_id in enumerate(ids[: body.n]):
         req, _ = parse_create(
-            {**video, "seed": seed + k, "num_frames": 1, "fps": 1}, served_models, defaults, limits, image_id
+            {**video, "seed": seed + k, "num_frames": 1, "fps": 1}, served_models, builder, image_id
         )
         requests.append(req)
     return body, requests
@@ -154,10 +164,10 @@ async def read_body(request: Request) -> dict[str, Any]:
             form = await request.form(max_files=1, max_fields=64)
         except Exception as exc:
             raise APIError(400, f"cannot parse form body: {exc}", code="invalid_form") from None
-        data: dict[str, Any] = {}
+        fields: dict[str, Any] = {}
         for key, value in form.multi_items():
-            data[key] = value if isinstance(value, str) else "<file>"
-        return data
+            fields[key] = value if isinstance(value, str) else "<file>"
+        return fields
     raise APIError(
         415,
         f"unsupported content type {ctype or 'none'!r}; send application/json or multipart/form-data",
@@ -166,18 +176,14 @@ async def read_body(request: Request) -> dict[str, Any]:
 
 
 def parse_create(
-    data: dict[str, Any],
-    served_models: list[str],
-    defaults: RequestDefaults,
-    limits: RequestLimits,
-    job_id: str,
+    data: dict[str, Any], served_models: list[str], builder: RequestBuilder, job_id: str
 ) -> tuple[GenerationRequest, str]:
-    """Body -> (a validated request, the model name to report)."""
-    try:
-        body = VideoCreateBody.model_validate(data)
-    except ValidationError as exc:
-        err = RequestError.from_validation(exc)
-        raise APIError(400, str(err), param=err.field, code="invalid_value") from None
+    """Body -> (a validated request, the model name to report).
+
+    OpenAI's `size` and `seconds` become height, width and num_frames; an error about one of
+    those names the field the client sent.
+    """
+    body = _validate(VideoCreateBody, data)
     if body.input_reference is not None:
         raise APIError(400, "input_reference is not supported by this model", param="input_reference")
     model = body.model or served_models[0]
@@ -188,36 +194,32 @@ def parse_create(
             param="model",
             code="model_not_found",
         )
-    fields: dict[str, Any] = {
-        k: getattr(body, k)
-        for k in (
-            "negative_prompt",
-            "num_inference_steps",
-            "guidance_scale",
-            "fps",
-            "num_frames",
-            "height",
-            "width",
-        )
-        if getattr(body, k) is not None
-    }
+    fields: dict[str, Any] = {k: getattr(body, k) for k in VIDEO_EXTRA_FIELDS if getattr(body, k) is not None}
+    sent_as: dict[str, str] = {}
     if body.size is not None:
         try:
             w, h = (int(x) for x in body.size.lower().split("x"))
         except ValueError:
             raise APIError(400, f"size must look like 832x480 (got {body.size!r})", param="size") from None
-        fields.setdefault("width", w)
-        fields.setdefault("height", h)
+        for name, value in (("width", w), ("height", h)):
+            if name not in fields:
+                fields[name] = value
+                sent_as[name] = "size"
     if body.seconds is not None and "num_frames" not in fields:
-        fps = fields.get("fps", defaults.fps)
+        fps = fields.get("fps", builder.defaults["fps"])
+        step = builder.limits.frame_step
         # The nearest frame count the VAE takes: 1 + k * frame_step.
-        k = max(0, math.floor(body.seconds * fps / limits.frame_step + 0.5))
-        fields["num_frames"] = 1 + k * limits.frame_step
-    fields["seed"] = body.seed if body.seed is not None else secrets.randbelow(2**31)
+        fields["num_frames"] = 1 + max(0, math.floor(body.seconds * fps / step + 0.5)) * step
+        sent_as["num_frames"] = "seconds"
+    if "seed" not in fields:
+        fields["seed"] = secrets.randbelow(2**31)
     try:
-        req = build_request({"id": job_id, "prompt": body.prompt, **fields}, defaults, limits)
+        req = builder.build({"id": job_id, "prompt": body.prompt, **fields})
     except RequestError as exc:
-        raise APIError(400, str(exc), param=exc.field, code="invalid_value") from None
+        sent = sent_as.get(exc.field or "")
+        message = f"{sent} {getattr(body, sent)!r} gives {exc}" if sent else str(exc)
+        param = sent or exc.field
+        raise APIError(400, message, param=param, code="invalid_value") from None
     return req, model
 
 

@@ -9,9 +9,9 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from deployments.ingress import Ingress
-from deployments.stages import DecoderDeployment, DenoiserDeployment, EncoderDeployment
-from models.config import KinorayConfig, StageConfig
+from kinoray.deployments.ingress import Ingress
+from kinoray.deployments.stages import DecoderDeployment, DenoiserDeployment, EncoderDeployment
+from kinoray.models.config import KinorayConfig, StageConfig
 
 
 def _options(name: str, stage: StageConfig) -> dict[str, Any]:
@@ -46,9 +46,13 @@ def build(config: KinorayConfig) -> Application:
         .options(**_options("decoder", config.decoder))
         .bind(model, config.decoder.batch_size, config.decoder.batch_wait_timeout_s)
     )
-    return Ingress.options(
-        num_replicas=config.serve.ingress_replicas, ray_actor_options={"num_cpus": 0.25}
-    ).bind(config.model_dump(mode="json"), encoder, denoiser, decoder)
+    return (
+        serve.deployment(Ingress)
+        .options(
+            name="ingress", num_replicas=config.serve.ingress_replicas, ray_actor_options={"num_cpus": 0.25}
+        )
+        .bind(config.model_dump(mode="json"), encoder, denoiser, decoder)
+    )
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -17,7 +17,7 @@ from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
-from deployments.api import (
+from kinoray.deployments.api import (
     ERROR_RESPONSES,
     APIError,
     ImageGenerateBody,
@@ -27,9 +27,9 @@ from deployments.api import (
     parse_images,
     read_body,
 )
-from deployments.store import JobError, JobRecord, JobStore, new_job_id
-from models import telemetry
-from models.config import KinorayConfig
+from kinoray.deployments.store import JobError, JobRecord, JobStore, new_job_id
+from kinoray.models import telemetry
+from kinoray.models.config import KinorayConfig
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,6 @@ CREATE_BODY = {
 }
 
 
-@serve.deployment(name="ingress")
 @serve.ingress(api)
 class Ingress:
     def __init__(
@@ -107,8 +106,7 @@ class Ingress:
         self.serve_config = self.config.serve
         auth.keys = list(self.serve_config.api_keys)
         self.store = JobStore(self.serve_config.storage)
-        self.defaults = self.config.request_defaults()
-        self.limits = self.config.request_limits()
+        self.builder = self.config.request_builder()
         self.model_name = self.config.model.weights
         self.served_models = [self.model_name, *self.serve_config.model_aliases]
         self.encoder, self.denoiser, self.decoder = encoder, denoiser, decoder
@@ -136,7 +134,7 @@ class Ingress:
     async def create_video(self, request: Request) -> JSONResponse:
         data = await read_body(request)
         job_id = new_job_id()
-        req, model = parse_create(data, self.served_models, self.defaults, self.limits, job_id)
+        req, model = parse_create(data, self.served_models, self.builder, job_id)
         # Serve's max_queued_requests bounds requests waiting for a replica, but a video job
         # outlives its HTTP request: the backlog is counted here, where the jobs are held.
         if len(self.jobs) >= self.serve_config.max_queued_requests:
@@ -151,10 +149,10 @@ class Ingress:
             id=job_id,
             model=model,
             prompt=req.prompt,
-            seconds=f"{req.num_frames / req.fps:g}",
-            size=f"{req.width}x{req.height}",
+            seconds=f"{req.sampling.num_frames / req.sampling.fps:g}",
+            size=f"{req.sampling.width}x{req.sampling.height}",
             seed=req.seed,
-            request=req.model_dump(),
+            request=req.row(),
             deadline_at=time.time() + self.serve_config.job_deadline_s,
         )
         self.store.put(record)
@@ -227,7 +225,7 @@ class Ingress:
         """OpenAI's Images API: synchronous, one single-frame request per image."""
         data = await read_body(request)
         ids = [new_job_id().replace("video_", "img_") for _ in range(10)]
-        body, reqs = parse_images(data, self.served_models, self.defaults, self.limits, ids)
+        body, reqs = parse_images(data, self.served_models, self.builder, ids)
         if len(self.jobs) + self.images_in_flight >= self.serve_config.max_queued_requests:
             raise APIError(
                 429,
@@ -238,7 +236,7 @@ class Ingress:
             )
         self.images_in_flight += len(reqs)
         try:
-            results = await asyncio.gather(*(self._generate({**r.model_dump(), "error": ""}) for r in reqs))
+            results = await asyncio.gather(*(self._generate(r.row()) for r in reqs))
         finally:
             self.images_in_flight -= len(reqs)
         failed = next((r["error"] for r in results if r["error"]), None)
@@ -283,7 +281,7 @@ class Ingress:
         return record
 
     async def _run(self, record: JobRecord) -> None:
-        row = {**record.request, "error": ""}
+        row = dict(record.request)
         self.store.update(record.id, status="in_progress")
         try:
             result = await asyncio.wait_for(self._generate(row), timeout=record.deadline_at - time.time())

@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 import time
 
-from models.config import KinorayConfig
+from kinoray.models.config import KinorayConfig
 
 
 def serve_forever(config: KinorayConfig, address: str | None = None) -> None:
     import ray
     from ray import serve
 
-    from deployments.app import build
+    from kinoray.deployments.app import build
 
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address)

@@ -13,30 +13,19 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from models.stages import Batch, Decoder, Denoiser, TextEncoder, batch_len, object_column
-from models.video import encode_video, video_suffix
+from kinoray.models.stages import (
+    Batch,
+    Decoder,
+    Denoiser,
+    TextEncoder,
+    batch_len,
+    batch_to_rows,
+    rows_to_batch,
+)
+from kinoray.models.video import encode_video, video_suffix
 
 Row = dict[str, Any]
 PROGRESS_INTERVAL_S = 0.25
-
-
-def rows_to_batch(rows: list[Row]) -> Batch:
-    batch: Batch = {}
-    for key in rows[0]:
-        values = [r[key] for r in rows]
-        if isinstance(values[0], np.ndarray):
-            batch[key] = object_column(values)
-        else:
-            batch[key] = np.array(values, dtype=object if isinstance(values[0], str) else None)
-    return batch
-
-
-def batch_to_rows(batch: Batch) -> list[Row]:
-    n = batch_len(batch)
-    return [
-        {k: (v[i].item() if isinstance(v[i], np.generic) else v[i]) for k, v in batch.items()}
-        for i in range(n)
-    ]
 
 
 class _BatchedStage:
@@ -75,7 +64,7 @@ class DenoiserDeployment(_BatchedStage):
     def __init__(
         self, model: dict[str, Any], storage: str, batch_size: int = 4, batch_wait_timeout_s: float = 0.05
     ):
-        from deployments.store import JobStore
+        from kinoray.deployments.store import JobStore
 
         super().__init__(batch_size, batch_wait_timeout_s)
         self.stage = Denoiser(model, max_batch_size=batch_size)

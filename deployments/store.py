@@ -14,7 +14,7 @@ from typing import Any, Literal
 import fsspec
 from pydantic import BaseModel, Field
 
-from models.request import ID_PATTERN
+from kinoray.models.request import ID_PATTERN
 
 Status = Literal["queued", "in_progress", "completed", "failed"]
 

@@ -1,4 +1,7 @@
-"""The one configuration schema shared by the CLI, the bulk job, the Serve app and k8s manifests."""
+"""The one configuration schema shared by the CLI, the bulk job, the Serve app and k8s manifests.
+
+Every section rejects keys it does not know, so a typo fails at load time with its name.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from models.request import RequestDefaults, RequestLimits
-from models.spec import ModelSpec
+from kinoray.models.request import LimitOverrides, RequestBuilder, RequestDefaults
+from kinoray.models.spec import ModelSpec
 
 
 class StageConfig(BaseModel):
@@ -82,16 +85,16 @@ class ServeConfig(BaseModel):
 
 
 class KinorayConfig(BaseModel):
-    """model + per-stage pools + request defaults; one YAML file."""
+    """model + per-stage pools + request defaults and limits; one YAML file."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: ModelSpec = Field(default_factory=ModelSpec)
-    defaults: dict[str, Any] = Field(
-        default_factory=dict, description="overrides of the model's request defaults"
+    defaults: RequestDefaults = Field(  # type: ignore[valid-type]
+        default_factory=RequestDefaults, description="overrides of the model's request defaults"
     )
-    limits: dict[str, Any] = Field(
-        default_factory=dict, description="tighter request limits than the model's"
+    limits: LimitOverrides = Field(
+        default_factory=LimitOverrides, description="tighter request limits than the model's"
     )
     encoder: StageConfig = Field(default_factory=StageConfig)
     denoiser: StageConfig = Field(default_factory=StageConfig)
@@ -99,28 +102,28 @@ class KinorayConfig(BaseModel):
     batch: BatchConfig = Field(default_factory=BatchConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
-    @model_validator(mode="after")
-    def _defaults(self) -> KinorayConfig:
-        RequestDefaults(**self.defaults)  # unknown or mistyped keys fail here, at load time
-        RequestLimits(**self.limits)
-        return self
-
     @classmethod
     def load(cls, path: str | Path | None) -> KinorayConfig:
+        """The config in YAML file `path` (defaults when None); raises OSError, yaml.YAMLError or
+        pydantic's ValidationError naming the section and key."""
         if path is None:
             return cls()
         with open(path) as f:
             data = yaml.safe_load(f) or {}
         return cls.model_validate(data)
 
-    def request_defaults(self) -> RequestDefaults:
-        from models.families import adapter_class
+    def with_model(self, **changes: Any) -> KinorayConfig:
+        """A copy with `model` fields replaced (and validated), e.g. from CLI flags."""
+        spec = ModelSpec.model_validate({**self.model.model_dump(exclude_unset=True), **changes})
+        return self.model_copy(update={"model": spec})
 
-        base = adapter_class(self.model).request_defaults(self.model)
-        return RequestDefaults(**{**base.model_dump(), **self.defaults})
+    def request_builder(self) -> RequestBuilder:
+        """The model's defaults and limits, with this config's overrides, as one builder.
 
-    def request_limits(self) -> RequestLimits:
-        from models.families import adapter_class
-
-        base = adapter_class(self.model).request_limits(self.model)
-        return base.model_copy(update=RequestLimits(**{**base.model_dump(), **self.limits}).model_dump())
+        Reads the checkpoint's config files only (cached per model); no weights are loaded.
+        """
+        info = self.model.info
+        defaults = {**info.defaults, **BaseModel.model_dump(self.defaults, exclude_none=True)}
+        return RequestBuilder(
+            defaults=defaults, limits=info.limits.tightened(self.limits), model=self.model.identity
+        )

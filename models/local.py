@@ -5,23 +5,28 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from models.config import KinorayConfig
-from models.request import GenerationRequest, build_request
-from models.stages import Batch, Decoder, Denoiser, TextEncoder, requests_to_batch
+from kinoray.models.config import KinorayConfig
+from kinoray.models.request import GenerationRequest, RequestBuilder
+from kinoray.models.stages import Batch, Decoder, Denoiser, TextEncoder, requests_to_batch
 
 
 class LocalPipeline:
-    def __init__(self, config: KinorayConfig | None = None):
+    """encode -> denoise -> decode in one process, with the config's batch sizes.
+
+    Loads all three stages' components of `config.model` at construction.
+    """
+
+    def __init__(self, config: KinorayConfig | None = None, builder: RequestBuilder | None = None):
         self.config = config or KinorayConfig()
-        self.defaults = self.config.request_defaults()
-        self.limits = self.config.request_limits()
+        self.builder = builder or self.config.request_builder()
         spec = self.config.model
         self.encoder = TextEncoder(spec)
         self.denoiser = Denoiser(spec, max_batch_size=self.config.denoiser.batch_size)
         self.decoder = Decoder(spec, max_batch_size=self.config.decoder.batch_size)
 
     def request(self, **fields: Any) -> GenerationRequest:
-        return build_request(fields, self.defaults, self.limits)
+        """A validated request from flat fields; raises `RequestError` naming a bad field."""
+        return self.builder.build(fields)
 
     def run(self, requests: Sequence[GenerationRequest]) -> Batch:
         """Generate `requests`; the result has `frames` and `error` per row, in order."""

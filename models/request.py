@@ -1,27 +1,56 @@
-"""One generation request, validated once for both front ends.
+"""The request contract: one generation request, validated once for every front end.
 
-A request always carries concrete values: missing fields are filled from the model's defaults
-before validation, and the limits of the model family (size multiples, frame counts the VAE can
-take, step range) are checked here so that a bad request fails with the field it is about.
+`SamplingParams` is what the denoiser needs besides text embeddings and a seed: a frozen,
+hashable value that is both the denoiser's grouping key and the one argument of a family
+adapter's `denoise`. `GenerationRequest` adds what makes one request: id, prompt, negative
+prompt, seed. Table columns, manifest columns, CLI flags and HTTP body fields are all derived
+from these two models (`REQUEST_COLUMNS`, `request_fields`): a new sampling parameter is added
+here, once, and used by the family adapter that knows it.
+
+What a model can take (`RequestLimits`) and the values a request takes for the fields it
+leaves out (`RequestDefaults`) come from the checkpoint's configs, then the deployment's
+config; `RequestBuilder` holds both and turns raw values into a validated request.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
-from typing import Annotated, Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+)
+from pydantic.fields import FieldInfo
 
 # Ids name output files and storage keys: a conservative charset rules out path traversal.
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_SEED = 2**63
+
+StrictText = Annotated[str, Strict()]
 
 
 class RequestLimits(BaseModel):
-    """What a model family (and the loaded checkpoint) can take."""
+    """What a checkpoint (and the deployment serving it) can take.
 
-    model_config = ConfigDict(frozen=True)
+    `size_multiple` and `frame_step` follow from the VAE's compression and the transformer's
+    patch size; `max_size` and `max_frames` from the transformer's positional capacity (e.g.
+    Wan's rotary table) or what the checkpoint declares; `optional_params` lists the
+    family-specific sampling parameters (such as Wan 2.2's `guidance_scale_2`) it accepts.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     size_multiple: int = 16
     min_size: int = 16
@@ -36,87 +65,62 @@ class RequestLimits(BaseModel):
     max_prompt_chars: int = 4000
     max_guidance_scale: float = 50.0
     max_fps: int = 120
+    optional_params: frozenset[str] = frozenset()
+
+    def tightened(self, overrides: LimitOverrides) -> RequestLimits:
+        """These limits, narrowed (never widened) by a deployment's `limits:` section."""
+        changes: dict[str, Any] = {}
+        for name, value in overrides.model_dump(exclude_none=True).items():
+            current = getattr(self, name)
+            changes[name] = max(current, value) if name.startswith("min_") else min(current, value)
+        return self.model_copy(update=changes)
 
 
-class RequestDefaults(BaseModel):
-    """Values a request takes for fields it leaves out."""
+class LimitOverrides(BaseModel):
+    """The `limits:` section of a config: tighter bounds than the model's own."""
 
     model_config = ConfigDict(extra="forbid")
 
-    negative_prompt: str = ""
-    height: int = 480
-    width: int = 832
-    num_frames: int = 81
-    fps: int = 16
-    num_inference_steps: int = 50
-    guidance_scale: float = 5.0
+    min_size: int | None = Field(default=None, ge=1)
+    max_size: int | None = Field(default=None, ge=1)
+    max_frames: int | None = Field(default=None, ge=1)
+    max_pixel_frames: int | None = Field(default=None, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    max_prompt_chars: int | None = Field(default=None, ge=1)
+    max_guidance_scale: float | None = Field(default=None, ge=0)
+    max_fps: int | None = Field(default=None, ge=1)
 
 
-class RequestError(ValueError):
-    """A request that cannot be generated; `field` names the offending input."""
-
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.field = field
-
-    @classmethod
-    def from_validation(cls, exc: ValidationError) -> RequestError:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or None
-        messages = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"])
-            msg = err["msg"].removeprefix("Value error, ")
-            messages.append(f"{loc}: {msg}" if loc else msg)
-        return cls("; ".join(messages), field)
+def _limits(info: ValidationInfo) -> RequestLimits:
+    ctx = info.context or {}
+    return ctx.get("limits") or RequestLimits()
 
 
-StrictText = Annotated[str, Strict()]
+class SamplingParams(BaseModel):
+    """Shape and sampling parameters of a request: the denoiser's grouping key.
 
-
-class GenerationRequest(BaseModel):
-    """A fully specified request: prompt, shape, sampling parameters and seed."""
+    Rows with equal `SamplingParams` share one denoiser call. Fields whose schema carries
+    `optional_param` are family-specific: `None` means the family's own default, and a value is
+    refused by checkpoints whose limits do not list the field in `optional_params`.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    id: str
-    prompt: StrictText
-    negative_prompt: StrictText = ""
-    height: int
-    width: int
-    num_frames: int
-    fps: int
-    num_inference_steps: int
-    guidance_scale: float
-    seed: int = Field(ge=0, lt=2**63)
-
-    @field_validator("id")
-    @classmethod
-    def _id(cls, v: str) -> str:
-        if not ID_PATTERN.match(v):
-            raise ValueError(
-                "must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
-            )
-        return v
-
-    @field_validator("prompt", "negative_prompt")
-    @classmethod
-    def _prompt(cls, v: str, info: ValidationInfo) -> str:
-        limits = _limits(info)
-        if info.field_name == "prompt" and not v.strip():
-            raise ValueError("must not be empty")
-        if len(v) > limits.max_prompt_chars:
-            raise ValueError(f"is {len(v)} characters; the limit is {limits.max_prompt_chars}")
-        if "\x00" in v:
-            raise ValueError("must not contain NUL characters")
-        return v
+    height: int = Field(description="frame height in pixels")
+    width: int = Field(description="frame width in pixels")
+    num_frames: int = Field(description="frames in the clip; 1 makes a still image (PNG)")
+    fps: int = Field(description="frames per second of the written video (LTX-Video also conditions on it)")
+    num_inference_steps: int = Field(description="denoising steps", json_schema_extra={"cli": "--steps"})
+    guidance_scale: float = Field(
+        description="classifier-free guidance scale (distilled guidance for FLUX.1 and HunyuanVideo)"
+    )
 
     @field_validator("height", "width")
     @classmethod
     def _size(cls, v: int, info: ValidationInfo) -> int:
         lim = _limits(info)
         if v < lim.min_size or v > lim.max_size:
-            raise ValueError(f"must be between {lim.min_size} and {lim.max_size} (got {v})")
+            raise ValueError(f"must be between {lim.min_size} and {lim.max_size} for this model (got {v})")
         if v % lim.size_multiple:
             raise ValueError(f"must be a multiple of {lim.size_multiple} for this model (got {v})")
         return v
@@ -126,13 +130,14 @@ class GenerationRequest(BaseModel):
     def _frames(cls, v: int, info: ValidationInfo) -> int:
         lim = _limits(info)
         if v < 1 or v > lim.max_frames:
-            raise ValueError(f"must be between 1 and {lim.max_frames} (got {v})")
+            raise ValueError(f"must be between 1 and {lim.max_frames} for this model (got {v})")
         if (v - 1) % lim.frame_step:
             raise ValueError(f"must be 1 + a multiple of {lim.frame_step} for this model's VAE (got {v})")
         h, w = info.data.get("height"), info.data.get("width")
         if h and w and h * w * v > lim.max_pixel_frames:
             raise ValueError(
-                f"{w}x{h} at {v} frames is {h * w * v} pixel-frames; this deployment's limit is {lim.max_pixel_frames}"
+                f"{w}x{h} at {v} frames is {h * w * v} pixel-frames; "
+                f"this deployment's limit is {lim.max_pixel_frames}"
             )
         return v
 
@@ -154,67 +159,212 @@ class GenerationRequest(BaseModel):
 
     @field_validator("guidance_scale")
     @classmethod
-    def _guidance(cls, v: float, info: ValidationInfo) -> float:
+    def _guidance(cls, v: float | None, info: ValidationInfo) -> float | None:
         lim = _limits(info)
-        if not (0.0 <= v <= lim.max_guidance_scale):
+        if v is not None and not (0.0 <= v <= lim.max_guidance_scale):
             raise ValueError(f"must be between 0 and {lim.max_guidance_scale} (got {v})")
         return v
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _optional(cls, v: Any, info: ValidationInfo) -> Any:
+        name = info.field_name
+        if v is not None and name in OPTIONAL_PARAMS and name not in _limits(info).optional_params:
+            raise ValueError("is not supported by this model")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
 
-def _limits(info: ValidationInfo) -> RequestLimits:
-    ctx = info.context or {}
-    return ctx.get("limits") or RequestLimits()
+
+def _is_optional_param(info: FieldInfo) -> bool:
+    extra = info.json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get("optional_param"))
 
 
-CONTENT_FIELDS = (
-    "prompt",
-    "negative_prompt",
-    "height",
-    "width",
-    "num_frames",
-    "fps",
-    "num_inference_steps",
-    "guidance_scale",
+OPTIONAL_PARAMS = frozenset(n for n, f in SamplingParams.model_fields.items() if _is_optional_param(f))
+
+
+class GenerationRequest(BaseModel):
+    """A fully specified request: identity, texts, seed and sampling parameters."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(description="the request's identity: names its output file")
+    prompt: StrictText = Field(description="what to generate")
+    negative_prompt: StrictText = Field(default="", description="what to steer away from")
+    seed: int = Field(ge=0, lt=MAX_SEED, description="seed of the initial noise")
+    sampling: SamplingParams
+
+    TEXT_FIELDS: ClassVar[tuple[str, ...]] = ("prompt", "negative_prompt")
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not ID_PATTERN.match(v):
+            raise ValueError(
+                "must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        return v
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _text(cls, v: str, info: ValidationInfo) -> str:
+        limits = _limits(info)
+        if info.field_name == "prompt" and not v.strip():
+            raise ValueError("must not be empty")
+        if len(v) > limits.max_prompt_chars:
+            raise ValueError(f"is {len(v)} characters; the limit is {limits.max_prompt_chars}")
+        if "\x00" in v:
+            raise ValueError("must not contain NUL characters")
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("is not valid Unicode text (a lone surrogate)") from None
+        return v
+
+    def row(self) -> dict[str, Any]:
+        """The request as one flat row: `REQUEST_COLUMNS` -> plain values."""
+        return {
+            "id": self.id,
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "seed": self.seed,
+            **self.sampling.model_dump(),
+        }
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> GenerationRequest:
+        """A request from a flat row of already validated values (no limits are checked)."""
+        sampling = SamplingParams.model_construct(**{k: row[k] for k in SamplingParams.model_fields})
+        top = {k: row[k] for k in ("id", "prompt", "negative_prompt", "seed")}
+        return cls.model_construct(**top, sampling=sampling)
+
+
+TOP_FIELDS = ("id", "prompt", "negative_prompt", "seed")
+SAMPLING_FIELDS = tuple(SamplingParams.model_fields)
+# A request as one flat row: table columns, stage columns, manifest columns, API fields.
+REQUEST_COLUMNS = (*TOP_FIELDS, *SAMPLING_FIELDS)
+
+
+def request_fields() -> dict[str, FieldInfo]:
+    """Every flat request field with its pydantic `FieldInfo` (type, default, description)."""
+    fields = {k: GenerationRequest.model_fields[k] for k in TOP_FIELDS}
+    fields.update(SamplingParams.model_fields)
+    return fields
+
+
+def field_type(info: FieldInfo) -> type:
+    """The plain Python type of a request field (`str`, `int` or `float`), optional or not."""
+    ann = info.annotation
+    for t in (bool, int, float, str):
+        if ann is t or (ann is not None and t in getattr(ann, "__args__", ())):
+            return t
+    return str
+
+
+def partial_model(
+    name: str, fields: Mapping[str, FieldInfo], doc: str, base: type[BaseModel] | None = None
+) -> type[BaseModel]:
+    """A model of `fields`, each optional (None = not given), that rejects unknown keys; with
+    `base`, its fields come first and its config applies."""
+    spec: dict[str, Any] = {
+        k: (field_type(f) | None, Field(default=None, description=f.description)) for k, f in fields.items()
+    }
+    if base is not None:
+        return create_model(name, __base__=base, __doc__=doc, **spec)
+    return create_model(name, __config__=ConfigDict(extra="forbid"), __doc__=doc, **spec)
+
+
+# The fields a request may leave out, with the value a model or deployment gives them.
+DEFAULTED_FIELDS = ("negative_prompt", *SAMPLING_FIELDS)
+RequestDefaults = partial_model(
+    "RequestDefaults",
+    {k: request_fields()[k] for k in DEFAULTED_FIELDS},
+    "Values a request takes for fields it leaves out (a family's, a checkpoint's or a config's).",
 )
 
 
-def content_hash(values: dict[str, Any]) -> str:
-    """A stable digest of what a request asks for (not its id or seed)."""
-    canon = json.dumps({k: values.get(k) for k in CONTENT_FIELDS}, sort_keys=True, default=str)
-    return hashlib.sha256(canon.encode("utf-8", "surrogatepass")).hexdigest()
+class RequestError(ValueError):
+    """A request that cannot be generated; `field` names the offending input."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+    @classmethod
+    def from_validation(cls, exc: ValidationError) -> RequestError:
+        """The errors of a pydantic validation, each prefixed with its flat field name."""
+        messages = []
+        fields = []
+        for err in exc.errors():
+            loc = [str(p) for p in err["loc"] if p != "sampling"]
+            name = ".".join(loc)
+            fields.append(name or None)
+            msg = err["msg"].removeprefix("Value error, ")
+            messages.append(f"{name}: {msg}" if name else msg)
+        return cls("; ".join(messages), fields[0] if fields else None)
 
 
-def build_request(
-    raw: dict[str, Any],
-    defaults: RequestDefaults,
-    limits: RequestLimits,
-) -> GenerationRequest:
-    """Fill missing fields from `defaults`, give an id and seed where absent, and validate.
+def _canonical(values: Mapping[str, Any]) -> str:
+    return json.dumps(values, sort_keys=True, default=str, ensure_ascii=True)
 
-    Ids and seeds default to digests of the content, so the same row always yields the same
-    video: reruns and resumed jobs reproduce their outputs exactly.
+
+@dataclass(frozen=True)
+class RequestBuilder:
+    """Raw values (a table row, an HTTP body, CLI flags) -> a validated `GenerationRequest`.
+
+    `defaults` fill fields a request leaves out; `limits` bound what it may ask for; `model`
+    names the weights, so the derived id of a request changes with the model that makes it.
     """
-    known = set(GenerationRequest.model_fields)
-    unknown = sorted(k for k in raw if k not in known)
-    if unknown:
-        raise RequestError(f"unknown field(s): {', '.join(unknown)}", unknown[0])
-    values = {k: v for k, v in raw.items() if not _missing(v)}
-    for name, value in defaults.model_dump().items():
-        values.setdefault(name, value)
-    if "prompt" not in values:
-        raise RequestError("prompt: field required", "prompt")
-    if "id" in values and not isinstance(values["id"], str):
-        values["id"] = str(values["id"])
-    # Validate first, then derive id and seed from the validated content: "64" in a CSV and 64
-    # in a JSONL file are the same request and get the same id and seed.
-    placeholders = {"id": "pending", "seed": 0}
-    try:
-        req = GenerationRequest.model_validate({**placeholders, **values}, context={"limits": limits})
-    except ValidationError as exc:
-        raise RequestError.from_validation(exc) from None
-    digest = content_hash(req.model_dump())
-    derived = {"id": digest[:16], "seed": int(digest[16:31], 16)}
-    return req.model_copy(update={k: v for k, v in derived.items() if k not in values})
+
+    defaults: Mapping[str, Any]
+    limits: RequestLimits
+    model: str = ""
+
+    def build(self, raw: Mapping[str, Any]) -> GenerationRequest:
+        """Fill, validate and identify one request.
+
+        An explicit `id` is the request's identity; without one the id is a digest of
+        everything that decides the output (texts, sampling parameters, the seed when given,
+        the model). A request without a seed gets one derived from its id, so two ids are two
+        takes of the same prompt and a rerun reproduces each exactly.
+
+        Raises `RequestError` naming the first offending field.
+        """
+        unknown = sorted(k for k in raw if k not in REQUEST_COLUMNS)
+        if unknown:
+            raise RequestError(f"unknown field(s): {', '.join(unknown)}", unknown[0])
+        values = {k: v for k, v in raw.items() if not _missing(v)}
+        for name, value in self.defaults.items():
+            if value is not None:
+                values.setdefault(name, value)
+        if "prompt" not in values:
+            raise RequestError("prompt: field required", "prompt")
+        if "id" in values and not isinstance(values["id"], str):
+            values["id"] = str(values["id"])
+        sampling = {k: values[k] for k in SAMPLING_FIELDS if k in values}
+        top = {k: values[k] for k in TOP_FIELDS if k in values}
+        placeholders = {"id": "pending", "seed": 0}
+        try:
+            req = GenerationRequest.model_validate(
+                {**placeholders, **top, "sampling": sampling}, context={"limits": self.limits}
+            )
+        except ValidationError as exc:
+            raise RequestError.from_validation(exc) from None
+        # Ids and seeds are derived from the validated content: "64" in a CSV and 64 in a JSONL
+        # file are the same request and get the same id and seed.
+        if "id" not in values:
+            req = req.model_copy(update={"id": self.digest(req, with_seed="seed" in values)[:16]})
+        if "seed" not in values:
+            seed = int(hashlib.sha256(f"seed:{req.id}".encode()).hexdigest()[:15], 16)
+            req = req.model_copy(update={"seed": seed})
+        return req
+
+    def digest(self, req: GenerationRequest, with_seed: bool = True) -> str:
+        """A hex digest of what decides `req`'s output: texts, sampling, seed and the model."""
+        content = {k: v for k, v in req.row().items() if k != "id" and (with_seed or k != "seed")}
+        content["model"] = self.model
+        return hashlib.sha256(_canonical(content).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _missing(v: Any) -> bool:

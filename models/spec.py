@@ -4,33 +4,44 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from models import tiny
+from kinoray.models import tiny
+from kinoray.models.request import RequestLimits
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
-# model_index.json `_class_name` -> kinoray family name
-PIPELINE_FAMILIES = {
-    "WanPipeline": "wan",
-    "CogVideoXPipeline": "cogvideox",
-    "LTXPipeline": "ltx",
-    "HunyuanVideoPipeline": "hunyuan",
-    "FluxPipeline": "flux",
-    "StableDiffusion3Pipeline": "sd3",
-}
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a checkpoint accepts, read from its config files alone (no weights are loaded).
+
+    `defaults` holds a value for every field a request may leave out; `limits` what requests
+    may ask for; the VAE factors are pixels per latent cell in space and frames per latent
+    frame in time.
+    """
+
+    family: str
+    pipeline_class: str
+    defaults: Mapping[str, Any]
+    limits: RequestLimits
+    vae_scale_factor_spatial: int
+    vae_scale_factor_temporal: int
+    is_image_model: bool
 
 
 class ModelSpec(BaseModel):
-    """A model: a tiny preset name, a local diffusers folder, or a Hugging Face hub id."""
+    """A model: a preset name, a local diffusers folder, or a Hugging Face hub id."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     weights: str = Field(default=tiny.DEFAULT_MODEL, description="preset name, local path or hub id")
-    family: Literal["auto", "wan", "cogvideox", "ltx", "hunyuan", "flux", "sd3"] = "auto"
+    family: str = Field(default="auto", description="auto: from model_index.json's pipeline class")
     revision: str | None = None
     dtype: DType = Field(default="auto", description="auto: bfloat16 on CUDA, float32 on CPU")
     device: str = Field(default="auto", description="auto: cuda when available, else cpu")
@@ -45,23 +56,47 @@ class ModelSpec(BaseModel):
     )
     cache_threshold: float = Field(default=0.05, gt=0, description="First Block Cache's residual threshold")
 
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: str) -> str:
+        # A hub id is `org/name`; a path has a separator. Anything else must be a preset: a typo
+        # fails here, listing them, instead of after minutes of hub retries.
+        if not v.strip():
+            raise ValueError("must name a preset, a local folder or a hub id")
+        if "/" not in v and os.sep not in v and not v.startswith((".", "~")) and not tiny.is_preset(v):
+            raise ValueError(
+                f"{v!r} is not a preset ({', '.join(tiny.preset_names())}), a local folder or a hub id (org/name)"
+            )
+        return v
+
+    @field_validator("family")
+    @classmethod
+    def _family(cls, v: str) -> str:
+        from kinoray.models.families import FAMILIES
+
+        if v != "auto" and v not in {a.name for a in FAMILIES.values()}:
+            names = ", ".join(sorted(a.name for a in FAMILIES.values()))
+            raise ValueError(f"unknown family {v!r}; known: auto, {names}")
+        return v
+
     @cached_property
     def path(self) -> str:
         """A local folder for presets and local weights; the hub id otherwise."""
         if tiny.is_preset(self.weights):
             return str(tiny.ensure(self.weights))
-        return (
-            os.path.expanduser(self.weights)
-            if os.path.isdir(os.path.expanduser(self.weights))
-            else self.weights
-        )
+        local = os.path.expanduser(self.weights)
+        return local if os.path.isdir(local) else self.weights
+
+    @property
+    def identity(self) -> str:
+        """The weights this spec names, as part of a request's derived id."""
+        return self.weights if self.revision is None else f"{self.weights}@{self.revision}"
 
     def read_config(self, name: str, subfolder: str | None = None) -> dict[str, Any]:
         """A JSON config file of the checkpoint, without loading any weights."""
         path = self.path
         if os.path.isdir(path):
-            full = os.path.join(path, subfolder or "", name)
-            with open(full) as f:
+            with open(os.path.join(path, subfolder or "", name)) as f:
                 return json.load(f)
         from huggingface_hub import hf_hub_download
 
@@ -73,17 +108,16 @@ class ModelSpec(BaseModel):
     def model_index(self) -> dict[str, Any]:
         return self.read_config("model_index.json")
 
-    @cached_property
+    @property
+    def info(self) -> ModelInfo:
+        """What this checkpoint accepts (cached per spec); see `ModelInfo`."""
+        from kinoray.models.families import model_info
+
+        return model_info(self)
+
+    @property
     def resolved_family(self) -> str:
-        if self.family != "auto":
-            return self.family
-        cls = self.model_index.get("_class_name", "")
-        if cls not in PIPELINE_FAMILIES:
-            raise ValueError(
-                f"{self.weights}: pipeline class {cls!r} is not supported; "
-                f"supported: {', '.join(sorted(PIPELINE_FAMILIES))}"
-            )
-        return PIPELINE_FAMILIES[cls]
+        return self.info.family
 
     def torch_device(self) -> str:
         if self.device != "auto":

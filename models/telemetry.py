@@ -10,8 +10,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600]
-BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64]
+LATENCY_BUCKETS: list[float] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600]
+BATCH_BUCKETS: list[float] = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64]
 
 # name -> (kind, description, tag keys, buckets)
 METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
@@ -51,7 +51,9 @@ def _ray_metric(name: str) -> Any:
             elif kind == "gauge":
                 _made[name] = metrics.Gauge(name, description=desc, tag_keys=tags)
             else:
-                _made[name] = metrics.Histogram(name, description=desc, boundaries=buckets, tag_keys=tags)
+                _made[name] = metrics.Histogram(
+                    name, description=desc, boundaries=buckets or [], tag_keys=tags
+                )
         return _made[name]
 
 
@@ -70,12 +72,12 @@ def set_gauge(name: str, value: float, **tags: str) -> None:
         m.set(value, tags=tags or None)
 
 
-def record_stage(stage: str, seconds: float, rows: int, errors: list[str]) -> None:
-    """One stage call: `rows` computed in `seconds`, `errors` the reasons of the rows that failed."""
+def record_stage(stage: str, seconds: float, rows: int, reasons: list[str]) -> None:
+    """One stage call: `rows` computed in `seconds`; `reasons` those of the rows that failed."""
     observe("kinoray_batch_size", rows, stage=stage)
     for _ in range(rows):
         observe("kinoray_stage_latency_seconds", seconds, stage=stage)
-    inc("kinoray_rows_total", rows - len(errors), stage=stage, status="ok")
-    inc("kinoray_rows_total", len(errors), stage=stage, status="failed")
-    for err in errors:
-        inc("kinoray_errors_total", stage=stage, reason=err.split(":", 1)[0][:40])
+    inc("kinoray_rows_total", rows - len(reasons), stage=stage, status="ok")
+    inc("kinoray_rows_total", len(reasons), stage=stage, status="failed")
+    for reason in reasons:
+        inc("kinoray_errors_total", stage=stage, reason=reason)

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from models.config import KinorayConfig, StageConfig
-from models.request import ID_PATTERN, RequestError, build_request
-from models.stages import SHAPE_COLUMNS, Decoder, Denoiser, TextEncoder
-from pipelines import manifest
-from pipelines.progress import JobMetrics
-from pipelines.table import ERROR_KEY, read_prompt_table
-from pipelines.writer import write_videos
+from kinoray.models.config import KinorayConfig, StageConfig
+from kinoray.models.request import ID_PATTERN, SAMPLING_FIELDS, RequestError
+from kinoray.models.stages import Decoder, Denoiser, TextEncoder
+from kinoray.pipelines import manifest
+from kinoray.pipelines.progress import JobMetrics
+from kinoray.pipelines.table import ERROR_KEY, read_prompt_table
+from kinoray.pipelines.writer import write_videos
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def plan_rows(
     rows: list[dict[str, Any]], config: KinorayConfig, done: set[str]
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
     """Validate rows -> (requests to generate, failed manifest rows, count skipped as done)."""
-    defaults, limits = config.request_defaults(), config.request_limits()
+    builder = config.request_builder()
     todo: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -68,14 +68,14 @@ def plan_rows(
         raw_id = raw.get("id")
         fallback_id = str(raw_id) if isinstance(raw_id, str) and ID_PATTERN.match(raw_id) else f"row-{n}"
         if ERROR_KEY in raw:
-            failed.append({"id": fallback_id, "row": n, "status": "failed", "error": raw[ERROR_KEY]})
+            failed.append({"id": fallback_id, "row": n, **_failure(raw[ERROR_KEY], "invalid_row")})
             continue
         try:
-            req = build_request(raw, defaults, limits)
+            req = builder.build(raw)
         except RequestError as exc:
             prompt = raw.get("prompt") if isinstance(raw.get("prompt"), str) else None
             failed.append(
-                {"id": fallback_id, "row": n, "prompt": prompt, "status": "failed", "error": str(exc)}
+                {"id": fallback_id, "row": n, "prompt": prompt, **_failure(str(exc), "invalid_request")}
             )
             continue
         if req.id in seen:
@@ -84,8 +84,7 @@ def plan_rows(
                     "id": f"row-{n}",
                     "row": n,
                     "prompt": req.prompt,
-                    "status": "failed",
-                    "error": f"duplicate id {req.id!r}",
+                    **_failure(f"duplicate id {req.id!r}", "duplicate_id"),
                 }
             )
             continue
@@ -93,10 +92,14 @@ def plan_rows(
         if req.id in done:
             skipped += 1
             continue
-        todo.append({**req.model_dump(), "row": n, "error": ""})
+        todo.append({**req.row(), "row": n})
     # Shape buckets: rows of one shape arrive together, so the denoiser's batches stay full.
-    todo.sort(key=lambda r: (*(r[c] for c in SHAPE_COLUMNS), r["row"]))
+    todo.sort(key=lambda r: (*(str(r[c]) for c in SAMPLING_FIELDS), r["row"]))
     return todo, failed, skipped
+
+
+def _failure(message: str, reason: str) -> dict[str, Any]:
+    return {"status": "failed", "error": message, "error_stage": "validate", "error_reason": reason}
 
 
 def _pool(stage: StageConfig) -> dict[str, Any]:

@@ -13,25 +13,24 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kinoray.models.request import field_type, request_fields
+
 MANIFEST_DIR = "manifest"
 VIDEOS_DIR = "videos"
 
+_ARROW = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}
+# The request's own fields, typed as the request model types them.
+REQUEST_SCHEMA = [pa.field(name, _ARROW[field_type(info)]) for name, info in request_fields().items()]
 SCHEMA = pa.schema(
     [
-        ("id", pa.string()),
+        REQUEST_SCHEMA[0],  # id
         ("row", pa.int64()),
-        ("prompt", pa.string()),
-        ("negative_prompt", pa.string()),
-        ("height", pa.int64()),
-        ("width", pa.int64()),
-        ("num_frames", pa.int64()),
-        ("fps", pa.int64()),
-        ("num_inference_steps", pa.int64()),
-        ("guidance_scale", pa.float64()),
-        ("seed", pa.int64()),
+        *REQUEST_SCHEMA[1:],
         ("output", pa.string()),
         ("status", pa.string()),
         ("error", pa.string()),
+        ("error_stage", pa.string()),
+        ("error_reason", pa.string()),
         ("encode_s", pa.float64()),
         ("denoise_s", pa.float64()),
         ("decode_s", pa.float64()),

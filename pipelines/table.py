@@ -15,10 +15,10 @@ from typing import Any
 import fsspec
 import pyarrow.parquet as pq
 
-from models.request import GenerationRequest
+from kinoray.models.request import REQUEST_COLUMNS
 
 # A table holds requests: its columns are GenerationRequest's fields.
-COLUMNS = tuple(GenerationRequest.model_fields)
+COLUMNS = REQUEST_COLUMNS
 FORMATS = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",

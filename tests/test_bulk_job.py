@@ -7,12 +7,12 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import SAME_VIDEO_DB, decoded, free_port, psnr
 
-from models.config import KinorayConfig, StageConfig
-from models.local import LocalPipeline
-from models.stages import REQUEST_COLUMNS
-from models.video import encode_video, probe_video
-from pipelines import manifest
-from pipelines.job import run_job
+from kinoray.models.config import KinorayConfig, StageConfig
+from kinoray.models.local import LocalPipeline
+from kinoray.models.request import REQUEST_COLUMNS
+from kinoray.models.video import encode_video, probe_video
+from kinoray.pipelines import manifest
+from kinoray.pipelines.job import run_job
 
 pytestmark = pytest.mark.integration
 
@@ -70,12 +70,9 @@ def s3_endpoint():
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(s3_endpoint):
-    import ray
-
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def ray_cluster(s3_endpoint, ray_session):
+    # The S3 endpoint's environment is set before Ray starts: stage and writer workers inherit it.
+    return ray_session
 
 
 @pytest.fixture(scope="module")

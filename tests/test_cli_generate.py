@@ -5,12 +5,12 @@ import sys
 
 from PIL import Image
 
-from models.video import probe_video
+from kinoray.models.video import probe_video
 
 
 def kinoray(*args):
     return subprocess.run(
-        [sys.executable, "-m", "kinoray_cli", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "kinoray.cli", *args], capture_output=True, text=True, timeout=300
     )
 
 

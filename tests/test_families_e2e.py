@@ -7,43 +7,30 @@ import time
 
 import pytest
 import requests
-from helpers import free_port
 from PIL import Image
 
-from models.config import KinorayConfig
-from models.video import probe_video
-from pipelines.job import run_job
+from kinoray.models import tiny
+from kinoray.models.config import KinorayConfig
+from kinoray.models.spec import ModelSpec
+from kinoray.models.video import probe_video
+from kinoray.pipelines.job import run_job
 
 pytestmark = pytest.mark.integration
 
-PRESETS = ["tiny-wan", "tiny-wan22", "tiny-cogvideox", "tiny-ltx", "tiny-hunyuan", "tiny-flux", "tiny-sd3"]
-IMAGE_PRESETS = {"tiny-flux", "tiny-sd3"}
-
-
-@pytest.fixture(scope="module")
-def port():
-    import ray
-    from ray import serve
-
-    port = free_port()
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield port
-    serve.shutdown()
-    ray.shutdown()
+PRESETS = tiny.preset_names(tested_only=True)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_bulk_and_online(port, preset, tmp_path):
+def test_bulk_and_online(serve_base, preset, tmp_path):
     import openai
     from ray import serve
 
-    from deployments.app import build
+    from kinoray.deployments.app import build
 
     config = KinorayConfig.model_validate(
         {"model": {"weights": preset}, "serve": {"storage": str(tmp_path / "store")}}
     )
-    image = preset in IMAGE_PRESETS
+    image = ModelSpec(weights=preset).info.is_image_model
     frames = 1 if image else 17
     rows = [
         {"id": "a", "prompt": "a fox", "seed": 1},
@@ -60,7 +47,7 @@ def test_bulk_and_online(port, preset, tmp_path):
         assert probe_video((tmp_path / "out" / "videos" / "b.mp4").read_bytes())["frames"] == 17
 
     serve.run(build(config), name=preset, route_prefix=f"/{preset}")
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/{preset}/v1", api_key="x", max_retries=0)
+    client = openai.OpenAI(base_url=f"{serve_base}/{preset}/v1", api_key="x", max_retries=0)
     video = client.videos.create(prompt="a lighthouse", model=preset, extra_body={"seed": 3})
     deadline = time.time() + 120
     while video.status not in ("completed", "failed") and time.time() < deadline:

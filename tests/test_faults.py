@@ -9,12 +9,11 @@ import time
 
 import psutil
 import pytest
-from helpers import free_port
 
-from models.config import KinorayConfig
-from models.video import probe_video
-from pipelines import manifest
-from pipelines.job import run_job
+from kinoray.models.config import KinorayConfig
+from kinoray.models.video import probe_video
+from kinoray.pipelines import manifest
+from kinoray.pipelines.job import run_job
 
 pytestmark = pytest.mark.integration
 
@@ -29,12 +28,8 @@ def kill_process(title_part):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def ray_cluster(ray_session):
+    return ray_session
 
 
 def table(path, n, steps=12):
@@ -80,7 +75,7 @@ def test_a_killed_driver_resumes_to_the_same_output(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "kinoray_cli",
+        "kinoray.cli",
         "batch",
         prompts,
         "-o",
@@ -118,19 +113,17 @@ def test_a_killed_driver_resumes_to_the_same_output(tmp_path):
         assert os.path.basename(r["output"]) == os.path.basename(fresh_rows[rid]["output"])
 
 
-def test_a_serve_replica_killed_with_requests_in_flight(ray_cluster, tmp_path):
+def test_a_serve_replica_killed_with_requests_in_flight(serve_base, tmp_path):
     import openai
     from ray import serve
 
-    from deployments.app import build
+    from kinoray.deployments.app import build
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = KinorayConfig.model_validate(
         {"serve": {"storage": str(tmp_path / "store"), "job_deadline_s": 120}}
     )
     serve.run(build(config), name="faults", route_prefix="/")
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    client = openai.OpenAI(base_url=f"{serve_base}/v1", api_key="x", max_retries=0)
     ids = [
         client.videos.create(prompt=f"in flight {i}", extra_body={"num_inference_steps": 60, "seed": i}).id
         for i in range(4)

@@ -6,16 +6,16 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models.config import KinorayConfig
-from models.request import RequestDefaults, RequestError, RequestLimits, build_request
-from models.stages import REQUEST_COLUMNS
-from pipelines.job import plan_rows
-from pipelines.table import InputError, read_prompt_table
+from kinoray.models.config import KinorayConfig
+from kinoray.models.request import REQUEST_COLUMNS, RequestBuilder, RequestError, RequestLimits
+from kinoray.pipelines.job import plan_rows
+from kinoray.pipelines.table import InputError, read_prompt_table
 
-DEFAULTS = RequestDefaults(
-    height=64, width=64, num_frames=9, fps=8, num_inference_steps=4, guidance_scale=5.0
-)
 LIMITS = RequestLimits()
+BUILDER = RequestBuilder(
+    {"height": 64, "width": 64, "num_frames": 9, "fps": 8, "num_inference_steps": 4, "guidance_scale": 5.0},
+    LIMITS,
+)
 FIELDS = [*REQUEST_COLUMNS, "extra"]
 values = st.one_of(
     st.none(),
@@ -33,15 +33,16 @@ values = st.one_of(
 @given(st.dictionaries(st.sampled_from(FIELDS), values, max_size=8))
 def test_build_request_accepts_or_raises_request_error(raw):
     try:
-        req = build_request(raw, DEFAULTS, LIMITS)
+        req = BUILDER.build(raw)
     except RequestError as exc:
         assert str(exc)
         return
     # Whatever was accepted is within every limit.
     assert req.prompt.strip() and len(req.prompt) <= LIMITS.max_prompt_chars
-    assert LIMITS.min_size <= req.height <= LIMITS.max_size and req.height % LIMITS.size_multiple == 0
-    assert (req.num_frames - 1) % LIMITS.frame_step == 0 and 1 <= req.num_frames <= LIMITS.max_frames
-    assert 1 <= req.num_inference_steps <= LIMITS.max_steps
+    s = req.sampling
+    assert LIMITS.min_size <= s.height <= LIMITS.max_size and s.height % LIMITS.size_multiple == 0
+    assert (s.num_frames - 1) % LIMITS.frame_step == 0 and 1 <= s.num_frames <= LIMITS.max_frames
+    assert 1 <= s.num_inference_steps <= LIMITS.max_steps
     assert "/" not in req.id and ".." not in req.id.split(".")
 
 

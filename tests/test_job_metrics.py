@@ -6,7 +6,7 @@ import urllib.request
 
 from helpers import free_port
 
-from pipelines.progress import JobMetrics
+from kinoray.pipelines.progress import JobMetrics
 
 
 def test_progress_is_served_and_the_summary_pushed():

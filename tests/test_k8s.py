@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 import yaml
 
-from models.config import KinorayConfig
+from kinoray.models.config import KinorayConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -146,7 +146,7 @@ def pod_templates(doc):
 
 @pytest.mark.parametrize("variant", ["base", *OVERLAYS])
 def test_serve_config_and_job_entrypoint_are_kinorays_own(variant):
-    from kinoray_cli import build_parser
+    from kinoray.cli import build_parser
 
     docs = base_documents() if variant == "base" else built(variant)
     by_kind = {}

@@ -1,7 +1,6 @@
 """A real Prometheus scrapes a running bulk job and a running Serve app."""
 
 import json
-import os
 import shutil
 import subprocess
 import threading
@@ -12,10 +11,15 @@ import pytest
 import requests
 from helpers import free_port
 
-from models.config import KinorayConfig
-from models.telemetry import METRICS
+from kinoray.models.config import KinorayConfig
+from kinoray.models.telemetry import METRICS
 
 pytestmark = pytest.mark.integration
+
+RAY_METRICS_PORT = free_port()
+RAY_INIT = {"_metrics_export_port": RAY_METRICS_PORT}
+# Workers report to the node's exporter every second instead of every ten.
+RAY_ENV = {"RAY_metrics_report_interval_ms": "1000"}
 
 PROMETHEUS = shutil.which("prometheus")
 ROWS = 24
@@ -25,7 +29,7 @@ ONLINE = 4
 
 @pytest.fixture(scope="module")
 def ports():
-    return {"ray": free_port(), "job": free_port(), "prom": free_port(), "http": free_port()}
+    return {"ray": RAY_METRICS_PORT, "job": free_port(), "prom": free_port(), "http": free_port()}
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +70,8 @@ def prometheus(ports, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(ports):
-    import ray
-
-    # Workers report to the node's exporter every second instead of every ten.
-    os.environ["RAY_metrics_report_interval_ms"] = "1000"
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _metrics_export_port=ports["ray"])
-    yield
-    ray.shutdown()
+def ray_cluster(ray_session):
+    return ray_session
 
 
 def query(prom, expr):
@@ -101,8 +99,8 @@ def test_prometheus_sees_bulk_and_online_work(prometheus, ray_cluster, ports, tm
     import openai
     from ray import serve
 
-    from deployments.app import build
-    from pipelines.job import run_job
+    from kinoray.deployments.app import build
+    from kinoray.pipelines.job import run_job
 
     prompts = tmp_path / "p.jsonl"
     # Enough denoising that videos arrive over several seconds, not in one scrape interval.

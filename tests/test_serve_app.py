@@ -6,30 +6,29 @@ import time
 import openai
 import pytest
 import requests
-from helpers import SAME_VIDEO_DB, decoded, free_port, psnr
+from helpers import SAME_VIDEO_DB, decoded, psnr
 from hypothesis import HealthCheck, settings
 
-from models.config import KinorayConfig
-from models.local import LocalPipeline
-from models.video import encode_video, probe_video
+from kinoray.models.config import KinorayConfig
+from kinoray.models.local import LocalPipeline
+from kinoray.models.video import encode_video, probe_video
 
 pytestmark = pytest.mark.integration
 
 KEY = "sk-kinoray-test"
 
 
+# Three apps of four replicas each: logical CPUs for all of them (the tiny model needs little).
+RAY_INIT = {"num_cpus": 16}
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    import ray
+def server(serve_base, tmp_path_factory):
     from ray import serve
 
-    from deployments.app import build
+    from kinoray.deployments.app import build
 
     store = tmp_path_factory.mktemp("store")
-    port = free_port()
-    # Three apps of four replicas each: logical CPUs for all of them (the tiny model needs little).
-    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     main = KinorayConfig.model_validate(
         {
             "serve": {"storage": str(store / "main"), "api_keys": [KEY]},
@@ -50,9 +49,7 @@ def server(tmp_path_factory):
     serve.run(build(main), name="kinoray", route_prefix="/")
     serve.run(build(small), name="small", route_prefix="/small")
     serve.run(build(fuzz), name="fuzz", route_prefix="/fuzz")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    return serve_base
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +193,9 @@ def error_of(resp):
     "body, param, words",
     [
         ({"prompt": ""}, "prompt", "empty"),
-        ({"prompt": "x", "size": "100x64"}, "width", "multiple of 16"),
+        ({"prompt": "x", "size": "100x64"}, "size", "multiple of 16"),
+        ({"prompt": "x", "size": "1280x720"}, "size", "between 16 and 128"),
+        ({"prompt": "x", "seconds": "40"}, "seconds", "between 1 and 33"),
         ({"prompt": "x", "size": "huge"}, "size", "832x480"),
         ({"prompt": "x", "seconds": "-1"}, "seconds", "greater than 0"),
         ({"prompt": "x", "seed": "abc"}, "seed", "integer"),
@@ -277,7 +276,7 @@ def test_full_queue_is_429_with_retry_after_and_accepted_jobs_finish(server):
 def test_a_job_past_its_deadline_ends_failed_with_a_reason(server):
     small = openai.OpenAI(base_url=f"{server}/small/v1", api_key="none", max_retries=0)
     v = small.videos.create(
-        prompt="too slow", size="256x256", extra_body={"num_frames": 33, "num_inference_steps": 60}
+        prompt="too slow", size="128x128", extra_body={"num_frames": 33, "num_inference_steps": 120}
     )
     done, _ = wait(small, v.id, timeout=60)
     assert done.status == "failed"

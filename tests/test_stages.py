@@ -1,63 +1,41 @@
 """The three stages, run one after another, give the monolithic diffusers pipeline's frames."""
 
-import diffusers
 import numpy as np
 import pytest
-import torch
 
-from models.config import KinorayConfig
-from models.families.base import to_uint8
-from models.local import LocalPipeline
-from models.spec import ModelSpec
-from models.stages import Decoder, Denoiser, TextEncoder, requests_to_batch
+from kinoray.models import tiny
+from kinoray.models.config import KinorayConfig
+from kinoray.models.families import adapter_class, load_pipeline
+from kinoray.models.local import LocalPipeline
+from kinoray.models.spec import ModelSpec
+from kinoray.models.stages import Decoder, Denoiser, TextEncoder, requests_to_batch
 
 PROMPTS = [("a red fox in the snow", 11), ("surfing at sunset, wide shot", 2024), ("rain on a window", 7)]
+PRESETS = tiny.preset_names(tested_only=True)
 
 
-@pytest.fixture(
-    scope="module",
-    params=["tiny-wan", "tiny-wan22", "tiny-cogvideox", "tiny-ltx", "tiny-hunyuan", "tiny-flux", "tiny-sd3"],
-)
+@pytest.fixture(scope="module", params=PRESETS)
 def local(request):
     return LocalPipeline(KinorayConfig(model=ModelSpec(weights=request.param)))
 
 
-def reference(local, req):
-    """The family's own pipeline, called the way its model card shows, for one prompt."""
+def reference(local, reqs):
+    """The family's own pipeline, called once per request as its model card shows."""
     spec = local.config.model
-    cls = getattr(diffusers, local.encoder.adapter.pipeline_class)
-    pipe = cls.from_pretrained(spec.path)
-    pipe.set_progress_bar_config(disable=True)
-    family = spec.resolved_family
-    extra = {"num_frames": req.num_frames}
-    if family == "ltx":  # LTX-Video conditions on the frame rate; its pipeline calls it `frame_rate`
-        extra["frame_rate"] = req.fps
-    image = family in ("flux", "sd3")
-    if image:  # an image model: no frame count, and one image out
-        extra = {}
-    out = pipe(
-        prompt=req.prompt,
-        negative_prompt=req.negative_prompt,
-        height=req.height,
-        width=req.width,
-        num_inference_steps=req.num_inference_steps,
-        guidance_scale=req.guidance_scale,
-        generator=torch.Generator().manual_seed(req.seed),
-        output_type="np",
-        **extra,
-    )
-    frames = out.images[:, None] if image else out.frames
-    return to_uint8(frames)[0]
+    pipe = load_pipeline(spec)
+    adapter = adapter_class(spec)
+    return [adapter.generate(pipe, [r])[0] for r in reqs]
 
 
 def test_staged_equals_monolithic_for_a_batch_of_three(local):
     reqs = [local.request(prompt=p, seed=s) for p, s in PROMPTS]
     out = local.run(reqs)
     assert list(out["error"]) == ["", "", ""]
-    refs = [reference(local, r) for r in reqs]
+    refs = reference(local, reqs)
     for i, ref in enumerate(refs):
         got = out["frames"][i]
-        assert got.shape == (reqs[i].num_frames, reqs[i].height, reqs[i].width, 3)
+        s = reqs[i].sampling
+        assert got.shape == (s.num_frames, s.height, s.width, 3)
         assert got.dtype == np.uint8
         # diffusers on CPU is not bitwise across batch sizes: allow one level of 255.
         assert np.abs(got.astype(int) - ref.astype(int)).max() <= 1
@@ -83,15 +61,16 @@ def test_denoiser_batch_of_four_equals_four_batches_of_one(local):
     assert denoiser.batch_sizes[before + 1 :] == [1, 1, 1, 1]
 
 
-def test_denoiser_groups_rows_by_shape(local):
+def test_denoiser_groups_rows_by_sampling(local):
+    t = local.builder.defaults["num_frames"]
+    long = t if t == 1 else t * 2 - 1
     reqs = [
         local.request(prompt="a", seed=1),
-        local.request(prompt="b", seed=2, height=32, width=64, num_frames=local.defaults.num_frames * 2 - 1),
+        local.request(prompt="b", seed=2, height=32, width=64, num_frames=long),
         local.request(prompt="c", seed=3),
     ]
     out = local.run(reqs)
-    t = local.defaults.num_frames
-    assert [f.shape for f in out["frames"]] == [(t, 64, 64, 3), (2 * t - 1, 32, 64, 3), (t, 64, 64, 3)]
+    assert [f.shape for f in out["frames"]] == [(t, 64, 64, 3), (long, 32, 64, 3), (t, 64, 64, 3)]
     # Same request alone gives the same frames as inside a mixed batch.
     alone = local.run([reqs[1]])["frames"][0]
     assert np.abs(alone.astype(int) - out["frames"][1].astype(int)).max() <= 1
@@ -114,7 +93,7 @@ def test_failed_rows_pass_through_every_stage(local):
     batch["error"] = np.array(["", "validation: bad"], dtype=object)
     out = local.decoder(local.denoiser(local.encoder(batch)))
     assert list(out["error"]) == ["", "validation: bad"]
-    assert out["frames"][0].shape[0] == local.defaults.num_frames and out["frames"][1].size == 0
+    assert out["frames"][0].shape[0] == local.builder.defaults["num_frames"] and out["frames"][1].size == 0
 
 
 def test_stages_load_only_their_own_components():
@@ -134,26 +113,22 @@ def test_stages_load_only_their_own_components():
     assert denoiser.config.boundary_ratio == 0.875
 
 
-@pytest.mark.parametrize(
-    "preset, cache",
-    [
-        ("tiny-wan", "first_block"),
-        ("tiny-wan22", "first_block"),
-        ("tiny-cogvideox", "faster"),
-        ("tiny-hunyuan", "first_block"),
-        ("tiny-flux", "first_block"),
-        ("tiny-flux", "faster"),
-    ],
-)
+CACHES = [
+    (preset, cache) for preset in PRESETS for cache in sorted(adapter_class(ModelSpec(weights=preset)).caches)
+]
+
+
+@pytest.mark.parametrize("preset, cache", CACHES)
 def test_step_caching_runs_and_is_enabled(preset, cache):
     spec = ModelSpec(weights=preset, cache=cache, cache_threshold=0.5)
     local = LocalPipeline(KinorayConfig(model=spec))
     assert local.denoiser.adapter.pipe.transformer.is_cache_enabled
     out = local.run([local.request(prompt="cached", seed=1, num_inference_steps=8)])
-    assert out["error"][0] == "" and out["frames"][0].shape == (local.defaults.num_frames, 64, 64, 3)
+    assert out["error"][0] == ""
+    assert out["frames"][0].shape == (local.builder.defaults["num_frames"], 64, 64, 3)
 
 
-def test_faster_cache_is_refused_where_the_family_cannot_use_it():
+def test_a_cache_is_refused_where_the_family_cannot_use_it():
     with pytest.raises(ValueError, match="not supported by the wan family; supported: first_block"):
         Denoiser(ModelSpec(weights="tiny-wan", cache="faster"))
     with pytest.raises(ValueError, match="not supported by the sd3 family; supported: none"):

@@ -6,9 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from models.config import KinorayConfig
-from pipelines.job import plan_rows
-from pipelines.table import InputError, read_prompt_table
+from kinoray.models.config import KinorayConfig
+from kinoray.pipelines.job import plan_rows
+from kinoray.pipelines.table import InputError, read_prompt_table
 
 ROWS = [
     {"id": "a", "prompt": "a fox", "seed": 1, "height": 32},
@@ -110,7 +110,7 @@ def test_cli_reports_a_bad_file_before_loading_any_model(tmp_path):
 
     (tmp_path / "p.csv").write_text("text\nhi\n")
     res = subprocess.run(
-        [sys.executable, "-m", "kinoray_cli", "batch", str(tmp_path / "p.csv"), "-o", str(tmp_path / "out")],
+        [sys.executable, "-m", "kinoray.cli", "batch", str(tmp_path / "p.csv"), "-o", str(tmp_path / "out")],
         capture_output=True,
         text=True,
         timeout=120,

@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 
-from models import tiny
+from kinoray.models import tiny
 
 
 def digests(folder):

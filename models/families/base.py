@@ -1,19 +1,29 @@
-"""What a family adapter does: load one stage's components of a diffusers pipeline and run it."""
+"""What a family adapter does: know what a checkpoint accepts, load one stage's components of a
+diffusers pipeline, and run that stage."""
 
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
-from models.request import RequestDefaults, RequestLimits
-from models.spec import ModelSpec
-from models.tiny import DEFAULTS_FILE
+from kinoray.models.request import (
+    GenerationRequest,
+    LimitOverrides,
+    RequestDefaults,
+    RequestLimits,
+    SamplingParams,
+)
+from kinoray.models.spec import ModelInfo, ModelSpec
+from kinoray.models.tiny import DEFAULTS_FILE
 
-Stage = Literal["encode", "denoise", "decode"]
+if TYPE_CHECKING:
+    import torch
+
+StageName = Literal["encode", "denoise", "decode"]
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
 
 # Which pipeline components each stage loads; everything else is passed to from_pretrained as None.
@@ -25,13 +35,17 @@ STAGE_COMPONENTS: dict[str, frozenset[str]] = {
     "decode": frozenset({"vae"}),
 }
 
+# pipeline class name (model_index.json's `_class_name`) -> adapter; filled by subclassing.
+FAMILIES: dict[str, type[FamilyAdapter]] = {}
+
 
 class FamilyAdapter:
     """One diffusers pipeline family, split into encode / denoise / decode.
 
     Each method reuses the pipeline's own code: `encode_prompt`, `__call__` with `prompt_embeds=`
     and `output_type="latent"`, and the VAE's latent normalisation, so that the three stages give
-    the frames the monolithic pipeline gives.
+    the frames the monolithic pipeline gives. A subclass that sets `pipeline_class` registers
+    itself: adding a family is one module.
     """
 
     name: ClassVar[str]
@@ -45,53 +59,127 @@ class FamilyAdapter:
     # a block layout its hook recognises.
     caches: ClassVar[frozenset[str]] = frozenset()
     default_max_sequence_length: ClassVar[int]
-    defaults: ClassVar[RequestDefaults]
+    # The family's request defaults (its model card's settings); a checkpoint may override them.
+    defaults: ClassVar[dict[str, Any]]
 
-    def __init__(self, spec: ModelSpec, stage: Stage | None = None):
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "pipeline_class" in cls.__dict__:
+            FAMILIES[cls.pipeline_class] = cls
+
+    def __init__(self, spec: ModelSpec, stage: StageName | None = None):
         self.spec = spec
         self.stage = stage
         self.pipe: Any = self._load(stage) if stage else None
 
-    # -- what requests this checkpoint takes, from its configs alone --------------------------
+    # -- what a checkpoint accepts, from its config files alone -----------------------------------
 
     @classmethod
-    def request_defaults(cls, spec: ModelSpec) -> RequestDefaults:
-        values = cls.defaults.model_dump()
-        path = spec.path
-        extra = os.path.join(path, DEFAULTS_FILE)
-        if os.path.isdir(path) and os.path.exists(extra):
-            with open(extra) as f:
-                values.update(json.load(f).get("defaults", {}))
-        return RequestDefaults(**values)
-
-    @classmethod
-    def request_limits(cls, spec: ModelSpec) -> RequestLimits:
+    def model_info(cls, spec: ModelSpec) -> ModelInfo:
+        """Defaults, limits and VAE factors of `spec`'s checkpoint; raises on unreadable configs."""
         spatial, temporal = cls.vae_factors(spec)
-        return RequestLimits(
-            size_multiple=spatial * cls.patch_size(spec), frame_step=cls.frame_step(spec, temporal)
+        limits = RequestLimits(
+            size_multiple=cls.size_multiple(spec, spatial),
+            frame_step=1 if cls.is_image_model else cls.frame_step(spec, temporal),
+            optional_params=cls.optional_params(spec),
+            **({"max_frames": 1} if cls.is_image_model else {}),
+        ).tightened(LimitOverrides(**cls.capacity(spec, spatial, temporal)))
+        declared = cls._declared(spec)
+        limits = limits.tightened(LimitOverrides(**declared.get("limits", {})))
+        overrides = RequestDefaults(**declared.get("defaults", {})).model_dump(exclude_none=True)
+        return ModelInfo(
+            family=cls.name,
+            pipeline_class=cls.pipeline_class,
+            defaults={"negative_prompt": "", **cls.defaults, **overrides},
+            limits=limits,
+            vae_scale_factor_spatial=spatial,
+            vae_scale_factor_temporal=temporal,
+            is_image_model=cls.is_image_model,
         )
 
     @classmethod
-    def frame_step(cls, spec: ModelSpec, temporal: int) -> int:
-        return temporal
+    def _declared(cls, spec: ModelSpec) -> dict[str, Any]:
+        path = os.path.join(spec.path, DEFAULTS_FILE)
+        if not os.path.isfile(path):
+            return {}
+        with open(path) as f:
+            return json.load(f)
 
     @classmethod
     def vae_factors(cls, spec: ModelSpec) -> tuple[int, int]:
+        """(pixels per latent cell, frames per latent frame) of the checkpoint's VAE."""
         raise NotImplementedError
 
     @classmethod
     def patch_size(cls, spec: ModelSpec) -> int:
+        """Latent cells per transformer token, along height and width."""
         raise NotImplementedError
+
+    @classmethod
+    def size_multiple(cls, spec: ModelSpec, spatial: int) -> int:
+        """Valid heights and widths are multiples of this: one transformer token in pixels."""
+        return spatial * cls.patch_size(spec)
+
+    @classmethod
+    def frame_step(cls, spec: ModelSpec, temporal: int) -> int:
+        """Valid frame counts are 1 + k * frame_step."""
+        return temporal
+
+    @classmethod
+    def capacity(cls, spec: ModelSpec, spatial: int, temporal: int) -> dict[str, int]:
+        """Bounds from the transformer's positional capacity (`max_size`, `max_frames`), if any."""
+        return {}
+
+    @classmethod
+    def optional_params(cls, spec: ModelSpec) -> frozenset[str]:
+        """Family-specific sampling parameters this checkpoint takes (see `SamplingParams`)."""
+        return frozenset()
+
+    @classmethod
+    def pipeline_args(cls, sampling: SamplingParams) -> dict[str, Any]:
+        """The sampling parameters as this pipeline's `__call__` takes them."""
+        args: dict[str, Any] = {
+            "height": sampling.height,
+            "width": sampling.width,
+            "num_inference_steps": sampling.num_inference_steps,
+            "guidance_scale": sampling.guidance_scale,
+        }
+        if not cls.is_image_model:
+            args["num_frames"] = sampling.num_frames
+        return args
+
+    @classmethod
+    def generate(cls, pipe: Any, requests: Sequence[GenerationRequest]) -> np.ndarray:
+        """The monolithic pipeline's frames for requests of equal sampling: uint8 (N, T, H, W, 3).
+
+        The reference the three stages must reproduce, and the baselines of `kinoray bench`.
+        """
+        import torch
+
+        out = pipe(
+            prompt=[r.prompt for r in requests],
+            negative_prompt=[r.negative_prompt for r in requests],
+            generator=[torch.Generator().manual_seed(r.seed) for r in requests],
+            output_type="np",
+            **cls.pipeline_args(requests[0].sampling),
+        )
+        frames = out.images[:, None] if cls.is_image_model else out.frames
+        return to_uint8(frames)
 
     @property
     def max_sequence_length(self) -> int:
         return self.spec.max_sequence_length or self.default_max_sequence_length
 
-    # -- loading ------------------------------------------------------------------------------
+    # -- loading ----------------------------------------------------------------------------------
 
-    def _load(self, stage: Stage) -> Any:
+    def _load(self, stage: StageName) -> Any:
         import diffusers
+        import transformers
 
+        diffusers.utils.logging.disable_progress_bar()
+        diffusers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
         keep = STAGE_COMPONENTS[stage]
         # Components are the [library, class] entries; the rest (e.g. Wan 2.2's boundary_ratio) is config.
         components = [
@@ -100,10 +188,7 @@ class FamilyAdapter:
         skipped = {name: None for name in components if name not in keep}
         pipeline_cls = getattr(diffusers, self.pipeline_class)
         pipe = pipeline_cls.from_pretrained(
-            self.spec.path,
-            revision=self.spec.revision,
-            dtype=self.spec.torch_dtype(),
-            **skipped,
+            self.spec.path, revision=self.spec.revision, dtype=self.spec.torch_dtype(), **skipped
         )
         device = self.spec.torch_device()
         if self.spec.cpu_offload and device.startswith("cuda"):
@@ -111,11 +196,8 @@ class FamilyAdapter:
         else:
             pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
-        # Without its VAE the pipeline falls back to hard-coded scale factors: use the checkpoint's.
         if stage != "decode":
-            spatial, temporal = self.vae_factors(self.spec)
-            pipe.vae_scale_factor_spatial = spatial
-            pipe.vae_scale_factor_temporal = temporal
+            self._set_vae_factors(pipe)
         if stage == "decode":
             if self.spec.vae_tiling:
                 pipe.vae.enable_tiling()
@@ -124,6 +206,12 @@ class FamilyAdapter:
         if stage == "denoise":
             self._speedups(pipe)
         return pipe
+
+    def _set_vae_factors(self, pipe: Any) -> None:
+        # Without its VAE the pipeline falls back to hard-coded scale factors: use the checkpoint's.
+        info = self.spec.info
+        pipe.vae_scale_factor_spatial = info.vae_scale_factor_spatial
+        pipe.vae_scale_factor_temporal = info.vae_scale_factor_temporal
 
     def _speedups(self, pipe: Any) -> None:
         """Step caching and compilation of the denoiser's transformer(s), as the config asks."""
@@ -150,7 +238,7 @@ class FamilyAdapter:
             if self.spec.compile:
                 model.compile()
 
-    # -- the three stages ---------------------------------------------------------------------
+    # -- the three stages -------------------------------------------------------------------------
 
     def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """Texts -> the family's conditioning arrays, named as diffusers names them, one row per text."""
@@ -177,15 +265,10 @@ class FamilyAdapter:
         self,
         conditioning: dict[str, np.ndarray],
         seeds: Sequence[int],
-        height: int,
-        width: int,
-        num_frames: int,
-        fps: int,
-        num_inference_steps: int,
-        guidance_scale: float,
+        sampling: SamplingParams,
         on_step: StepCallback | None = None,
     ) -> np.ndarray:
-        """One shape group -> float32 latents (N, ...), one generator per seed.
+        """One group of equal `sampling` -> float32 latents (N, ...), one generator per seed.
 
         `conditioning` holds each of `self.conditioning` and its `negative_` twin, stacked per row.
         """
@@ -198,9 +281,10 @@ class FamilyAdapter:
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         callback = None
         if on_step is not None:
+            total = sampling.num_inference_steps
 
             def callback(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-                on_step(i + 1, num_inference_steps)
+                on_step(i + 1, total)
                 return {}
 
         tensors = {}
@@ -210,22 +294,16 @@ class FamilyAdapter:
         with torch.inference_mode():
             latents = self.pipe(
                 **tensors,
-                **self._shape_args(height, width, num_frames, fps),
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
+                **self.pipeline_args(sampling),
                 generator=generators,
                 max_sequence_length=self.max_sequence_length,
                 output_type="latent",
                 callback_on_step_end=callback,
                 return_dict=False,
             )[0]
-        return self._latents_out(latents, height, width, num_frames).float().cpu().numpy()
+        return self._latents_out(latents, sampling).float().cpu().numpy()
 
-    def _shape_args(self, height: int, width: int, num_frames: int, fps: int) -> dict[str, Any]:
-        """The request's shape as this pipeline's `__call__` takes it."""
-        return {"height": height, "width": width, "num_frames": num_frames}
-
-    def _latents_out(self, latents: Any, height: int, width: int, num_frames: int) -> Any:
+    def _latents_out(self, latents: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
         """The pipeline's latent output -> what its VAE decode path starts from."""
         return latents
 
@@ -243,7 +321,7 @@ class FamilyAdapter:
                 frames = self.pipe.video_processor.postprocess_video(decoded, output_type="np")
         return to_uint8(frames)
 
-    def _vae_decode(self, latents: Any) -> Any:
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from models.families.base import FamilyAdapter
-from models.request import RequestDefaults
-from models.spec import ModelSpec
+from kinoray.models import tiny
+from kinoray.models.families.base import FamilyAdapter
+from kinoray.models.request import SamplingParams
+from kinoray.models.spec import ModelSpec
 
 
 class CogVideoXAdapter(FamilyAdapter):
@@ -15,9 +16,14 @@ class CogVideoXAdapter(FamilyAdapter):
     default_max_sequence_length = 226
     caches = frozenset({"faster"})
     # The CogVideoX-5b model card's settings.
-    defaults = RequestDefaults(
-        height=480, width=720, num_frames=49, fps=8, num_inference_steps=50, guidance_scale=6.0
-    )
+    defaults = {
+        "height": 480,
+        "width": 720,
+        "num_frames": 49,
+        "fps": 8,
+        "num_inference_steps": 50,
+        "guidance_scale": 6.0,
+    }
 
     @classmethod
     def vae_factors(cls, spec: ModelSpec) -> tuple[int, int]:
@@ -35,14 +41,64 @@ class CogVideoXAdapter(FamilyAdapter):
         p_t = spec.read_config("config.json", "transformer").get("patch_size_t") or 1
         return temporal * 2 * p_t
 
-    def _latents_out(self, latents: Any, height: int, width: int, num_frames: int) -> Any:
+    def _latents_out(self, latents: Any, sampling: SamplingParams) -> Any:
         # CogVideoX 1.5 pads latent frames to a multiple of patch_size_t; the pipeline drops the
         # padding only on its decode path, so the latent output must drop it here.
         p_t = self.pipe.transformer.config.patch_size_t
-        latent_frames = (num_frames - 1) // self.pipe.vae_scale_factor_temporal + 1
+        latent_frames = (sampling.num_frames - 1) // self.pipe.vae_scale_factor_temporal + 1
         if p_t is not None and latent_frames % p_t:
             latents = latents[:, p_t - latent_frames % p_t :]
         return latents
 
     def _vae_decode(self, latents: Any) -> Any:
         return self.pipe.decode_latents(latents)
+
+
+@tiny.preset("tiny-cogvideox", tiny.VIDEO_DEFAULTS, tiny.VIDEO_LIMITS)
+def tiny_cogvideox() -> Any:
+    import torch
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
+    from transformers import T5EncoderModel
+
+    torch.manual_seed(0)
+    text_encoder = T5EncoderModel(tiny.t5_config("t5", 32, 2))
+    torch.manual_seed(1)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=4,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=2,
+        text_embed_dim=32,
+        num_layers=1,
+        sample_width=8,
+        sample_height=8,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=226,
+    )
+    torch.manual_seed(2)
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8,) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+    )
+    return CogVideoXPipeline(
+        tokenizer=tiny.byte_tokenizer(226),
+        text_encoder=text_encoder,
+        transformer=transformer,
+        vae=vae,
+        scheduler=CogVideoXDDIMScheduler(timestep_spacing="trailing"),
+    )

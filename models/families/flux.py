@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from models.families.base import FamilyAdapter
-from models.request import RequestDefaults, RequestLimits
-from models.spec import ModelSpec
+from kinoray.models import tiny
+from kinoray.models.families.base import FamilyAdapter, StageName
+from kinoray.models.request import SamplingParams
+from kinoray.models.spec import ModelSpec
 
 
 class FluxAdapter(FamilyAdapter):
@@ -18,9 +19,14 @@ class FluxAdapter(FamilyAdapter):
     conditioning = ("prompt_embeds", "pooled_prompt_embeds")
     is_image_model = True
     # FLUX.1-dev's model card: guidance is distilled into the model (no negative pass).
-    defaults = RequestDefaults(
-        height=1024, width=1024, num_frames=1, fps=1, num_inference_steps=50, guidance_scale=3.5
-    )
+    defaults = {
+        "height": 1024,
+        "width": 1024,
+        "num_frames": 1,
+        "fps": 1,
+        "num_inference_steps": 50,
+        "guidance_scale": 3.5,
+    }
 
     @classmethod
     def vae_factors(cls, spec: ModelSpec) -> tuple[int, int]:
@@ -31,14 +37,10 @@ class FluxAdapter(FamilyAdapter):
     def patch_size(cls, spec: ModelSpec) -> int:
         return 2  # latents are packed in 2x2 patches
 
-    @classmethod
-    def request_limits(cls, spec: ModelSpec) -> RequestLimits:
-        return super().request_limits(spec).model_copy(update={"max_frames": 1, "frame_step": 1})
-
-    def _load(self, stage: Any) -> Any:
+    def _load(self, stage: StageName) -> Any:
         pipe = super()._load(stage)
         if stage != "decode":
-            pipe.vae_scale_factor = self.vae_factors(self.spec)[0]
+            pipe.vae_scale_factor = self.spec.info.vae_scale_factor_spatial
         return pipe
 
     def _encode_prompt(self, texts: list[str]) -> tuple[Any, ...]:
@@ -51,12 +53,45 @@ class FluxAdapter(FamilyAdapter):
         )
         return embeds, pooled
 
-    def _shape_args(self, height: int, width: int, num_frames: int, fps: int) -> dict[str, Any]:
-        return {"height": height, "width": width}
-
-    def _latents_out(self, latents: Any, height: int, width: int, num_frames: int) -> Any:
-        return self.pipe._unpack_latents(latents, height, width, self.pipe.vae_scale_factor)
+    def _latents_out(self, latents: Any, sampling: SamplingParams) -> Any:
+        return self.pipe._unpack_latents(latents, sampling.height, sampling.width, self.pipe.vae_scale_factor)
 
     def _vae_decode(self, latents: Any) -> Any:
         cfg = self.pipe.vae.config
         return self.pipe.vae.decode(latents / cfg.scaling_factor + cfg.shift_factor, return_dict=False)[0]
+
+
+@tiny.preset("tiny-flux", tiny.IMAGE_DEFAULTS, tiny.IMAGE_LIMITS)
+def tiny_flux() -> Any:
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    torch.manual_seed(0)
+    clip = CLIPTextModel(tiny.clip_config(32))
+    torch.manual_seed(1)
+    t5 = T5EncoderModel(tiny.t5_config("t5", 32, 2))
+    torch.manual_seed(2)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+        guidance_embeds=True,
+    )
+    torch.manual_seed(3)
+    vae = tiny.image_vae()
+    return FluxPipeline(
+        tokenizer=tiny.byte_tokenizer(77),
+        text_encoder=clip,
+        tokenizer_2=tiny.byte_tokenizer(512),
+        text_encoder_2=t5,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )

@@ -6,9 +6,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from models.families.base import FamilyAdapter
-from models.request import RequestDefaults, RequestLimits
-from models.spec import ModelSpec
+from kinoray.models import tiny
+from kinoray.models.families.base import FamilyAdapter, StageName
+from kinoray.models.request import SamplingParams
+from kinoray.models.spec import ModelSpec
 
 
 class LTXAdapter(FamilyAdapter):
@@ -17,9 +18,14 @@ class LTXAdapter(FamilyAdapter):
     default_max_sequence_length = 128
     conditioning = ("prompt_embeds", "prompt_attention_mask")
     # LTXPipeline's own defaults.
-    defaults = RequestDefaults(
-        height=512, width=704, num_frames=161, fps=25, num_inference_steps=50, guidance_scale=3.0
-    )
+    defaults = {
+        "height": 512,
+        "width": 704,
+        "num_frames": 161,
+        "fps": 25,
+        "num_inference_steps": 50,
+        "guidance_scale": 3.0,
+    }
 
     @classmethod
     def vae_factors(cls, spec: ModelSpec) -> tuple[int, int]:
@@ -30,21 +36,25 @@ class LTXAdapter(FamilyAdapter):
         return int(spatial), int(temporal)
 
     @classmethod
-    def request_limits(cls, spec: ModelSpec) -> RequestLimits:
-        # LTXPipeline.check_inputs takes only multiples of 32, whatever the VAE would allow.
-        limits = super().request_limits(spec)
-        return limits.model_copy(update={"size_multiple": math.lcm(32, limits.size_multiple)})
-
-    @classmethod
     def patch_size(cls, spec: ModelSpec) -> int:
         return int(spec.read_config("config.json", "transformer").get("patch_size", 1))
 
-    def _load(self, stage: Any) -> Any:
+    @classmethod
+    def size_multiple(cls, spec: ModelSpec, spatial: int) -> int:
+        # LTXPipeline.check_inputs takes only multiples of 32, whatever the VAE would allow.
+        return math.lcm(32, super().size_multiple(spec, spatial))
+
+    @classmethod
+    def pipeline_args(cls, sampling: SamplingParams) -> dict[str, Any]:
+        # LTX scales its rotary position embedding by the frame rate.
+        return {**super().pipeline_args(sampling), "frame_rate": sampling.fps}
+
+    def _load(self, stage: StageName) -> Any:
         pipe = super()._load(stage)
         if stage != "decode":  # LTXPipeline names its VAE factors differently from Wan's
-            spatial, temporal = self.vae_factors(self.spec)
-            pipe.vae_spatial_compression_ratio = spatial
-            pipe.vae_temporal_compression_ratio = temporal
+            info = self.spec.info
+            pipe.vae_spatial_compression_ratio = info.vae_scale_factor_spatial
+            pipe.vae_temporal_compression_ratio = info.vae_scale_factor_temporal
         return pipe
 
     def _encode_prompt(self, texts: list[str]) -> tuple[Any, ...]:
@@ -57,18 +67,14 @@ class LTXAdapter(FamilyAdapter):
         )
         return embeds, mask
 
-    def _shape_args(self, height: int, width: int, num_frames: int, fps: int) -> dict[str, Any]:
-        # LTX scales its rotary position embedding by the frame rate.
-        return {**super()._shape_args(height, width, num_frames, fps), "frame_rate": fps}
-
-    def _latents_out(self, latents: Any, height: int, width: int, num_frames: int) -> Any:
+    def _latents_out(self, latents: Any, sampling: SamplingParams) -> Any:
         # The latent output is packed into tokens: unpack it to (B, C, F, H, W) as __call__ does.
         pipe = self.pipe
         return pipe._unpack_latents(
             latents,
-            (num_frames - 1) // pipe.vae_temporal_compression_ratio + 1,
-            height // pipe.vae_spatial_compression_ratio,
-            width // pipe.vae_spatial_compression_ratio,
+            (sampling.num_frames - 1) // pipe.vae_temporal_compression_ratio + 1,
+            sampling.height // pipe.vae_spatial_compression_ratio,
+            sampling.width // pipe.vae_spatial_compression_ratio,
             pipe.transformer_spatial_patch_size,
             pipe.transformer_temporal_patch_size,
         )
@@ -85,3 +91,57 @@ class LTXAdapter(FamilyAdapter):
         if vae.config.timestep_conditioning:
             timestep = torch.zeros(latents.shape[0], device=latents.device, dtype=latents.dtype)
         return vae.decode(latents.to(vae.dtype), timestep, return_dict=False)[0]
+
+
+@tiny.preset("tiny-ltx", tiny.VIDEO_DEFAULTS, tiny.VIDEO_LIMITS)
+def tiny_ltx() -> Any:
+    import torch
+    from diffusers import (
+        AutoencoderKLLTXVideo,
+        FlowMatchEulerDiscreteScheduler,
+        LTXPipeline,
+        LTXVideoTransformer3DModel,
+    )
+    from transformers import T5EncoderModel
+
+    torch.manual_seed(0)
+    text_encoder = T5EncoderModel(tiny.t5_config("t5", 32, 2))
+    torch.manual_seed(1)
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=8,
+        out_channels=8,
+        patch_size=1,
+        patch_size_t=1,
+        num_attention_heads=4,
+        attention_head_dim=8,
+        cross_attention_dim=32,
+        num_layers=1,
+        caption_channels=32,
+    )
+    torch.manual_seed(2)
+    vae = AutoencoderKLLTXVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=8,
+        block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False),
+        decoder_inject_noise=(False, False, False, False, False),
+        upsample_residual=(False, False, False, False),
+        upsample_factor=(1, 1, 1, 1),
+        timestep_conditioning=False,
+        patch_size=1,
+        patch_size_t=1,
+        encoder_causal=True,
+        decoder_causal=False,
+    )
+    return LTXPipeline(
+        tokenizer=tiny.byte_tokenizer(128),
+        text_encoder=text_encoder,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )

@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from models.config import KinorayConfig, StageConfig
-from models.spec import ModelSpec
+from kinoray.models.config import KinorayConfig, StageConfig
+from kinoray.models.request import GenerationRequest
+from kinoray.models.spec import ModelSpec
 
 BENCH_MODEL = "bench-wan"
 
@@ -89,39 +90,33 @@ class Clock:
         }
 
 
-def _requests(config: KinorayConfig, rows: int) -> list[dict[str, Any]]:
-    from models.request import build_request
-
-    defaults, limits = config.request_defaults(), config.request_limits()
+def _requests(config: KinorayConfig, rows: int) -> list[GenerationRequest]:
+    builder = config.request_builder()
     return [
-        build_request(
-            {"prompt": f"benchmark prompt {i}: a slow pan over a city at dusk", "seed": i}, defaults, limits
-        ).model_dump()
+        builder.build({"prompt": f"benchmark prompt {i}: a slow pan over a city at dusk", "seed": i})
         for i in range(rows)
     ]
 
 
 def _write(out: Path, rid: str, frames: np.ndarray, fps: int) -> None:
-    from models.video import encode_video
+    from kinoray.models.video import encode_video, video_suffix
 
-    (out / f"{rid}.mp4").write_bytes(encode_video(frames, fps))
+    (out / f"{rid}{video_suffix(frames.shape[0])}").write_bytes(encode_video(frames, fps))
 
 
-def bare_compute(config: KinorayConfig, reqs: list[dict[str, Any]]) -> dict[str, float]:
+def bare_compute(config: KinorayConfig, reqs: list[GenerationRequest]) -> dict[str, float]:
     """Seconds each stage computes for the work, in this process with the job's batch sizes."""
-    from models.local import LocalPipeline
-    from models.request import GenerationRequest
-    from models.stages import requests_to_batch
+    from kinoray.models.local import LocalPipeline
+    from kinoray.models.stages import requests_to_batch
 
     local = LocalPipeline(config)
-    objs = [GenerationRequest(**r) for r in reqs]
-    local.run(objs[:1])  # warm-up
+    local.run(reqs[:1])  # warm-up
     local.encoder._cache.clear()
     busy = {"encode": 0.0, "denoise": 0.0, "decode": 0.0}
     size = config.denoiser.batch_size
-    for i in range(0, len(objs), size):
+    for i in range(0, len(reqs), size):
         t0 = time.perf_counter()
-        b = local.encoder(requests_to_batch(objs[i : i + size]))
+        b = local.encoder(requests_to_batch(reqs[i : i + size]))
         t1 = time.perf_counter()
         b = local.denoiser(b)
         t2 = time.perf_counter()
@@ -133,37 +128,17 @@ def bare_compute(config: KinorayConfig, reqs: list[dict[str, Any]]) -> dict[str,
     return busy
 
 
-def diffusers_loop(config: KinorayConfig, reqs: list[dict[str, Any]], out: Path) -> dict[str, Any]:
+def diffusers_loop(config: KinorayConfig, reqs: list[GenerationRequest], out: Path) -> dict[str, Any]:
     """(a) What most users write: load the pipeline, call it once per prompt, save the file."""
-    import diffusers
-    import torch
-
-    from models.families import adapter_class
-    from models.families.base import to_uint8
+    from kinoray.models.families import adapter_class, load_pipeline
 
     spec = config.model
+    adapter = adapter_class(spec)
     with PeakMemory() as mem:
         clock = Clock()
-        cls = getattr(diffusers, adapter_class(spec).pipeline_class)
-        pipe = cls.from_pretrained(spec.path, dtype=spec.torch_dtype()).to(spec.torch_device())
-        pipe.set_progress_bar_config(disable=True)
-
-        def call(r: dict[str, Any]) -> np.ndarray:
-            frames = pipe(
-                prompt=r["prompt"],
-                negative_prompt=r["negative_prompt"],
-                height=r["height"],
-                width=r["width"],
-                num_frames=r["num_frames"],
-                num_inference_steps=r["num_inference_steps"],
-                guidance_scale=r["guidance_scale"],
-                generator=torch.Generator().manual_seed(r["seed"]),
-                output_type="np",
-            ).frames
-            return to_uint8(frames)[0]
-
+        pipe = load_pipeline(spec)
         for r in reqs:
-            _write(out, r["id"], call(r), r["fps"])
+            _write(out, r.id, adapter.generate(pipe, [r])[0], r.sampling.fps)
             clock.finished()
     return clock.result("diffusers loop", mem.peak)
 
@@ -172,45 +147,32 @@ class WholePipeline:
     """(b) The usual Ray Data example: one actor holds the whole diffusers pipeline."""
 
     def __init__(self, model: dict[str, Any], out: str):
-        import diffusers
-
-        from models.families import adapter_class
+        from kinoray.models.families import adapter_class, load_pipeline
 
         spec = ModelSpec(**model)
-        cls = getattr(diffusers, adapter_class(spec).pipeline_class)
-        self.pipe = cls.from_pretrained(spec.path, dtype=spec.torch_dtype()).to(spec.torch_device())
-        self.pipe.set_progress_bar_config(disable=True)
+        self.adapter = adapter_class(spec)
+        self.pipe = load_pipeline(spec)
         self.out = Path(out)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
+        from kinoray.models.stages import batch_to_rows
 
-        from models.families.base import to_uint8
-
-        frames = self.pipe(
-            prompt=list(batch["prompt"]),
-            negative_prompt=list(batch["negative_prompt"]),
-            height=int(batch["height"][0]),
-            width=int(batch["width"][0]),
-            num_frames=int(batch["num_frames"][0]),
-            num_inference_steps=int(batch["num_inference_steps"][0]),
-            guidance_scale=float(batch["guidance_scale"][0]),
-            generator=[torch.Generator().manual_seed(int(s)) for s in batch["seed"]],
-            output_type="np",
-        ).frames
-        for rid, f, fps in zip(batch["id"], to_uint8(frames), batch["fps"]):
-            _write(self.out, str(rid), f, int(fps))
+        reqs = [GenerationRequest.from_row(r) for r in batch_to_rows(batch)]
+        for r, frames in zip(reqs, self.adapter.generate(self.pipe, reqs)):
+            _write(self.out, r.id, frames, r.sampling.fps)
         return {"id": batch["id"]}
 
 
 def ray_one_stage(
-    config: KinorayConfig, reqs: list[dict[str, Any]], out: Path, cpus: float
+    config: KinorayConfig, reqs: list[GenerationRequest], out: Path, cpus: float
 ) -> dict[str, Any]:
     import ray.data
 
     with PeakMemory() as mem:
         clock = Clock()
-        ds = ray.data.from_items(reqs, override_num_blocks=max(1, len(reqs) // config.denoiser.batch_size))
+        ds = ray.data.from_items(
+            [r.row() for r in reqs], override_num_blocks=max(1, len(reqs) // config.denoiser.batch_size)
+        )
         ds = ds.map_batches(
             WholePipeline,
             fn_constructor_kwargs={"model": config.model.model_dump(), "out": str(out)},
@@ -224,11 +186,13 @@ def ray_one_stage(
     return clock.result("Ray Data, one stage", mem.peak)
 
 
-def kinoray_job(config: KinorayConfig, reqs: list[dict[str, Any]], out: Path) -> tuple[dict[str, Any], Any]:
-    from pipelines.job import run_job
+def kinoray_job(
+    config: KinorayConfig, reqs: list[GenerationRequest], out: Path
+) -> tuple[dict[str, Any], Any]:
+    from kinoray.pipelines.job import run_job
 
     table = out.parent / f"{out.name}-prompts.jsonl"
-    table.write_text("".join(json.dumps(r) + "\n" for r in reqs))
+    table.write_text("".join(json.dumps(r.row()) + "\n" for r in reqs))
     with PeakMemory() as mem:
         clock = Clock()
         summary = run_job(str(table), str(out), config, progress=False, on_rows=clock.finished)
@@ -255,7 +219,7 @@ def online(config: KinorayConfig, requests: int, levels: list[int], store: Path)
 
     from ray import serve
 
-    from deployments.app import build
+    from kinoray.deployments.app import build
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -270,7 +234,7 @@ def online(config: KinorayConfig, requests: int, levels: list[int], store: Path)
     def load(requests: int, concurrency: int) -> dict[str, Any]:
         cmd = [
             "-m",
-            "pipelines.loadgen",
+            "kinoray.loadgen",
             "--base",
             base,
             "--requests",
@@ -324,7 +288,9 @@ def run(
         "model": model,
         "rows": rows,
         "cores": cores,
-        "shape": {k: reqs[0][k] for k in ("height", "width", "num_frames", "num_inference_steps")},
+        "shape": reqs[0].sampling.model_dump(
+            include={"height", "width", "num_frames", "num_inference_steps"}
+        ),
         "bare_stage_compute_s": {k: round(v, 3) for k, v in bare.items()},
         "runs": [a, b, c],
         "ratio_kinoray_vs_diffusers_loop": round(c["videos_per_minute"] / a["videos_per_minute"], 3),
@@ -389,7 +355,7 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    result = run(args.model or BENCH_MODEL, args.rows, Path(args.out), args.device, args.online_requests)
+    result = run(args.weights or BENCH_MODEL, args.rows, Path(args.out), args.device, args.online_requests)
     print(render(result))
     print(f"\nwritten: {Path(args.out) / 'bench.json'}, {Path(args.out) / 'bench.png'}")
     return 0

@@ -10,60 +10,54 @@ import sys
 import time
 from typing import Any
 
-from models.request import GenerationRequest
+from kinoray.models.request import field_type, request_fields
 
 # Request fields the generate command takes as flags (the prompt is positional, the id derived).
-REQUEST_FLAGS = [f for f in GenerationRequest.model_fields if f not in ("id", "prompt")]
+REQUEST_FLAGS = [f for f in request_fields() if f not in ("id", "prompt")]
 
 
 def _load_config(args: argparse.Namespace) -> Any:
-    from models.config import KinorayConfig
+    from kinoray.models.config import KinorayConfig
 
     config = KinorayConfig.load(args.config)
-    updates: dict[str, Any] = {}
-    if getattr(args, "model", None):
-        updates["weights"] = args.model
-    if getattr(args, "device", None):
-        updates["device"] = args.device
-    if getattr(args, "dtype", None):
-        updates["dtype"] = args.dtype
-    if updates:
-        config = config.model_copy(update={"model": config.model.model_copy(update=updates)})
-    return config
+    updates = {k: getattr(args, k) for k in ("weights", "device", "dtype") if getattr(args, k, None)}
+    return config.with_model(**updates) if updates else config
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import fsspec
 
-    from models.local import LocalPipeline
-    from models.request import RequestError
-    from models.video import encode_video, video_suffix
+    from kinoray.models.local import LocalPipeline
+    from kinoray.models.request import RequestError
+    from kinoray.models.video import encode_video, video_suffix
 
     config = _load_config(args)
-    pipeline = LocalPipeline(config)
+    builder = config.request_builder()  # the checkpoint's configs only: no weights yet
     fields = {k: getattr(args, k) for k in REQUEST_FLAGS if getattr(args, k) is not None}
     try:
-        request = pipeline.request(prompt=args.prompt, **fields)
+        request = builder.build({"prompt": args.prompt, **fields})
     except RequestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    pipeline = LocalPipeline(config, builder)
     start = time.perf_counter()
     out = pipeline.run([request])
     if out["error"][0]:
         print(f"error: {out['error'][0]}", file=sys.stderr)
         return 1
-    output = args.output or f"{request.id}{video_suffix(request.num_frames)}"
+    output = args.output or f"{request.id}{video_suffix(request.sampling.num_frames)}"
     with fsspec.open(output, "wb") as f:
-        f.write(encode_video(out["frames"][0], request.fps))
+        f.write(encode_video(out["frames"][0], request.sampling.fps))
+    s = request.sampling
     print(
         json.dumps(
             {
                 "output": output,
                 "id": request.id,
                 "seed": request.seed,
-                "size": f"{request.width}x{request.height}",
-                "frames": request.num_frames,
-                "fps": request.fps,
+                "size": f"{s.width}x{s.height}",
+                "frames": s.num_frames,
+                "fps": s.fps,
                 "seconds": round(time.perf_counter() - start, 3),
             }
         )
@@ -72,8 +66,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from pipelines.job import run_job
-    from pipelines.table import InputError
+    from kinoray.pipelines.job import run_job
+    from kinoray.pipelines.table import InputError
 
     config = _load_config(args)
     try:
@@ -86,23 +80,37 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from deployments.run import serve_forever
+    from kinoray.deployments.run import serve_forever
 
     serve_forever(_load_config(args), address=args.address)
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from pipelines.bench import main as bench_main
+    from kinoray.bench import main as bench_main
 
     return bench_main(args)
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config (model, stages, defaults)")
-    p.add_argument("--model", help="tiny preset, local diffusers folder or hub id (default: tiny-wan)")
+    p.add_argument("--config", help="YAML config (model, stages, defaults, limits)")
+    p.add_argument(
+        "--model", dest="weights", help="preset, local diffusers folder or hub id (default: tiny-wan)"
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+
+
+def _add_request_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per request field, named after it (`--num-frames`), typed and described by it."""
+    fields = request_fields()
+    for name in REQUEST_FLAGS:
+        info = fields[name]
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        flags = [f"--{name.replace('_', '-')}", *([str(extra["cli"])] if "cli" in extra else [])]
+        p.add_argument(
+            *flags, dest=name, type=field_type(info), help=f"{info.description} (default: the model's)"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,15 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="one video, in this process")
-    g.add_argument("prompt")
+    g.add_argument("prompt", help="what to generate")
     g.add_argument("-o", "--output", help="file or fsspec URL (default: <id>.mp4)")
     _add_model_flags(g)
-    g.add_argument("--negative-prompt", dest="negative_prompt")
-    for name, typ in (("height", int), ("width", int), ("num-frames", int), ("fps", int)):
-        g.add_argument(f"--{name}", dest=name.replace("-", "_"), type=typ)
-    g.add_argument("--steps", dest="num_inference_steps", type=int)
-    g.add_argument("--guidance-scale", dest="guidance_scale", type=float)
-    g.add_argument("--seed", type=int)
+    _add_request_flags(g)
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("batch", help="a bulk job: prompt table in, videos + manifest out")
@@ -146,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("KINORAY_LOG", "WARNING"))
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    return int(args.func(args))
 
 
 if __name__ == "__main__":

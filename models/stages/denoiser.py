@@ -1,0 +1,76 @@
+"""The denoise stage: embeddings + seeds -> latents, one diffusers call per group of equal sampling."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import numpy as np
+
+from kinoray.models import telemetry
+from kinoray.models.request import SAMPLING_FIELDS, SamplingParams
+from kinoray.models.stages.base import Batch, ModelStage, scalar
+
+# (row ids of the chunk, steps done, total steps)
+ProgressCallback = Callable[[list[str], int, int], None]
+
+
+def sampling_of(batch: Batch, i: int) -> SamplingParams:
+    """Row `i`'s sampling parameters (validated upstream), as the denoiser's grouping key."""
+    values: dict[str, Any] = {}
+    for name in SAMPLING_FIELDS:
+        v = scalar(batch[name][i])
+        # Arrow turns a float column with missing values into NaN: an optional parameter's None.
+        values[name] = None if isinstance(v, float) and v != v else v
+    return SamplingParams.model_construct(**values)
+
+
+class Denoiser(ModelStage):
+    """Conditioning + `seed` + sampling parameters -> `latents` (float32, what the VAE decodes).
+
+    Rows with equal `SamplingParams` are denoised together, up to `max_batch_size` per call;
+    each row's noise comes from its own seed, so a row's result does not depend on its batch.
+    """
+
+    name = "denoise"
+
+    def __init__(self, model: Any = None, *, adapter: Any = None, max_batch_size: int | None = None):
+        super().__init__(model, adapter=adapter, max_batch_size=max_batch_size)
+        self.batch_sizes: list[int] = []
+
+    def conditioning_columns(self) -> list[str]:
+        names = list(self.adapter.conditioning)
+        return [*names, *(f"negative_{n}" for n in names)]
+
+    def input_columns(self) -> dict[str, str]:
+        cols = {"id": "row id (progress reports)", "seed": "seed of the initial noise"}
+        cols.update({f: "sampling parameter" for f in SAMPLING_FIELDS})
+        cols.update({c: "text conditioning from the encode stage" for c in self.conditioning_columns()})
+        return cols
+
+    def output_columns(self) -> dict[str, str]:
+        return {"latents": "denoised latents of one row, float32, in the VAE's latent layout"}
+
+    def consumed_columns(self) -> tuple[str, ...]:
+        return tuple(self.conditioning_columns())
+
+    def group_key(self, batch: Batch, i: int) -> Hashable:
+        return sampling_of(batch, i)
+
+    def compute(
+        self,
+        batch: Batch,
+        rows: list[int],
+        key: Hashable,
+        on_step: ProgressCallback | None = None,
+        **kwargs: Any,
+    ) -> dict[str, list[Any]]:
+        assert isinstance(key, SamplingParams)
+        ids = [str(batch["id"][i]) for i in rows]
+        progress = (lambda done, total: on_step(ids, done, total)) if on_step else None
+        conditioning = {c: np.stack([batch[c][i] for i in rows]) for c in self.conditioning_columns()}
+        seeds = [int(batch["seed"][i]) for i in rows]
+        latents = self.adapter.denoise(conditioning, seeds, key, on_step=progress)
+        self.batch_sizes.append(len(rows))
+        telemetry.inc("kinoray_denoise_steps_total", key.num_inference_steps * len(rows))
+        return {"latents": list(latents)}
