@@ -114,6 +114,11 @@ class SamplingParams(BaseModel):
     guidance_scale: float = Field(
         description="classifier-free guidance scale (distilled guidance for FLUX.1 and HunyuanVideo)"
     )
+    guidance_scale_2: float | None = Field(
+        default=None,
+        description="guidance scale of Wan 2.2's low-noise expert (default: guidance_scale)",
+        json_schema_extra={"optional_param": True},
+    )
 
     @field_validator("height", "width")
     @classmethod
@@ -157,7 +162,7 @@ class SamplingParams(BaseModel):
             raise ValueError(f"must be between 1 and {lim.max_steps} (got {v})")
         return v
 
-    @field_validator("guidance_scale")
+    @field_validator("guidance_scale", "guidance_scale_2")
     @classmethod
     def _guidance(cls, v: float | None, info: ValidationInfo) -> float | None:
         lim = _limits(info)

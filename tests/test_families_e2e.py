@@ -13,6 +13,7 @@ from kinoray.models import tiny
 from kinoray.models.config import KinorayConfig
 from kinoray.models.spec import ModelSpec
 from kinoray.models.video import probe_video
+from kinoray.pipelines import manifest
 from kinoray.pipelines.job import run_job
 
 pytestmark = pytest.mark.integration
@@ -36,10 +37,15 @@ def test_bulk_and_online(serve_base, preset, tmp_path):
         {"id": "a", "prompt": "a fox", "seed": 1},
         {"id": "b", "prompt": "a boat", "height": 32, "width": 64, "num_frames": frames},
     ]
+    # Family-specific sampling parameters travel as table columns too (Wan 2.2's guidance_scale_2).
+    optional = sorted(config.request_builder().limits.optional_params)
+    rows[1].update({name: 2.0 for name in optional})
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = run_job(str(prompts), str(tmp_path / "out"), config, progress=False)
     assert (summary.ok, summary.failed) == (2, 0)
+    recorded = {r["id"]: r for r in manifest.read(str(tmp_path / "out")).to_pylist()}
+    assert all(recorded["b"][name] == 2.0 for name in optional)
     if image:
         with Image.open(tmp_path / "out" / "videos" / "b.png") as im:
             assert im.size == (64, 32)

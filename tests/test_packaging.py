@@ -12,7 +12,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_wheel_holds_only_the_kinoray_package(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(ROOT),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+        ],
         check=True,
         capture_output=True,
         timeout=300,
@@ -22,7 +33,9 @@ def test_the_wheel_holds_only_the_kinoray_package(tmp_path):
     top = {n.split("/", 1)[0] for n in names}
     assert top == {"kinoray", wheel.name.split("-py3")[0] + ".dist-info"}
     # The subpackages travel inside it, as real files.
-    assert {"kinoray/models/request.py", "kinoray/pipelines/job.py", "kinoray/deployments/app.py"} <= set(names)
+    assert {"kinoray/models/request.py", "kinoray/pipelines/job.py", "kinoray/deployments/app.py"} <= set(
+        names
+    )
 
 
 def test_generate_beside_a_users_own_models_package(tmp_path):

@@ -7,6 +7,7 @@ from typing import Any
 
 from kinoray.models import tiny
 from kinoray.models.families.base import FamilyAdapter
+from kinoray.models.request import SamplingParams
 from kinoray.models.spec import ModelSpec
 
 
@@ -42,6 +43,19 @@ class WanAdapter(FamilyAdapter):
         positions = int(cfg.get("rope_max_seq_len", 1024))
         p_t, p_h, _ = cfg["patch_size"]
         return {"max_size": positions * p_h * spatial, "max_frames": 1 + (positions * p_t - 1) * temporal}
+
+    @classmethod
+    def optional_params(cls, spec: ModelSpec) -> frozenset[str]:
+        # Wan 2.2's two experts (a boundary between them) take a guidance scale each.
+        two_experts = spec.model_index.get("boundary_ratio") is not None
+        return frozenset({"guidance_scale_2"}) if two_experts else frozenset()
+
+    @classmethod
+    def pipeline_args(cls, sampling: SamplingParams) -> dict[str, Any]:
+        args = super().pipeline_args(sampling)
+        if sampling.guidance_scale_2 is not None:
+            args["guidance_scale_2"] = sampling.guidance_scale_2
+        return args
 
     def _vae_decode(self, latents: Any) -> Any:
         # WanPipeline.__call__'s own un-normalisation of latents before `vae.decode`.
