@@ -17,6 +17,7 @@ from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
+import kinoray
 from kinoray.deployments.api import (
     ERROR_RESPONSES,
     APIError,
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 api = FastAPI(
     title="kinoray",
     description="Self-hosted, OpenAI-compatible Videos API on Ray Serve",
-    version="0.1.0",
+    version=kinoray.__version__,
 )
 
 # A replica that dies mid-request is replaced by Serve; the job is tried again this often. Stage
