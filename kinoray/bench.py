@@ -107,27 +107,33 @@ def _write(out: Path, rid: str, frames: np.ndarray, fps: int) -> None:
     (out / f"{rid}{video_suffix(frames.shape[0])}").write_bytes(encode_video(frames, fps))
 
 
-def bare_compute(config: KinorayConfig, reqs: list[GenerationRequest]) -> dict[str, float]:
-    """Seconds each stage computes for the work, in this process with the job's batch sizes."""
+def bare_compute(config: KinorayConfig, reqs: list[GenerationRequest], out: Path) -> dict[str, float]:
+    """Seconds each stage computes for the work, in this process with the job's batch sizes,
+    writing the same video files: the work kinoray's overhead is measured against."""
     from kinoray.models.local import LocalPipeline
     from kinoray.models.stages import requests_to_batch
 
     local = LocalPipeline(config)
     local.run(reqs[:1])  # warm-up
     local.encoder._cache.clear()
-    busy = {"encode": 0.0, "denoise": 0.0, "decode": 0.0}
+    busy = {"encode": 0.0, "denoise": 0.0, "decode": 0.0, "write": 0.0}
     size = config.denoiser.batch_size
     for i in range(0, len(reqs), size):
+        chunk = reqs[i : i + size]
         t0 = time.perf_counter()
-        b = local.encoder(requests_to_batch(reqs[i : i + size]))
+        b = local.encoder(requests_to_batch(chunk))
         t1 = time.perf_counter()
         b = local.denoiser(b)
         t2 = time.perf_counter()
-        local.decoder(b)
+        b = local.decoder(b)
         t3 = time.perf_counter()
+        for r, frames in zip(chunk, b["frames"]):
+            _write(out, r.id, frames, r.sampling.fps)
+        t4 = time.perf_counter()
         busy["encode"] += t1 - t0
         busy["denoise"] += t2 - t1
         busy["decode"] += t3 - t2
+        busy["write"] += t4 - t3
     return busy
 
 
@@ -203,14 +209,24 @@ def kinoray_job(
 
 
 def bench_config(model: str, device: str | None) -> KinorayConfig:
-    """kinoray on this machine: the denoiser, ~2/3 of the compute, gets a thread per core."""
+    """kinoray on this machine. On a GPU: the denoiser gets most of the device. On CPUs: every
+    stage actor runs one thread (Ray sets OMP_NUM_THREADS from num_cpus) and the denoiser, ~2/3
+    of the compute, gets one actor per core; one thread per actor avoids the poor multi-thread
+    scaling of small models, and the encoder and decoder fill the cores' gaps."""
     gpu = device is not None and device.startswith("cuda")
     cores = os.cpu_count() or 2
+    if gpu:
+        return KinorayConfig(
+            model=ModelSpec(weights=model, device=device or "auto"),
+            encoder=StageConfig(num_cpus=0, num_gpus=0.1, batch_size=4),
+            denoiser=StageConfig(num_cpus=0, num_gpus=0.8, batch_size=4),
+            decoder=StageConfig(num_cpus=0, num_gpus=0.1, batch_size=4),
+        )
     return KinorayConfig(
         model=ModelSpec(weights=model, device=device or "auto"),
-        encoder=StageConfig(num_cpus=0 if gpu else 0.5, num_gpus=0.1 if gpu else 0, batch_size=4),
-        denoiser=StageConfig(num_cpus=0 if gpu else cores, num_gpus=0.8 if gpu else 0, batch_size=4),
-        decoder=StageConfig(num_cpus=0 if gpu else 1, num_gpus=0.1 if gpu else 0, batch_size=4),
+        encoder=StageConfig(num_cpus=0.5, batch_size=4),
+        denoiser=StageConfig(num_cpus=1, batch_size=4, min_replicas=cores, max_replicas=cores),
+        decoder=StageConfig(num_cpus=0.5, batch_size=4),
     )
 
 
@@ -269,7 +285,8 @@ def run(
     for sub in ("a", "b"):
         (work / sub).mkdir(parents=True)
 
-    bare = bare_compute(config, reqs)
+    (work / "bare").mkdir()
+    bare = bare_compute(config, reqs, work / "bare")
     a = diffusers_loop(config, reqs, work / "a")
     cores = os.cpu_count() or 2
     ray.init(
@@ -300,12 +317,22 @@ def run(
         "ratio_kinoray_vs_ray_one_stage": round(c["videos_per_minute"] / b["videos_per_minute"], 3),
         # Wall time of kinoray's steady state over the bare compute of the same rows in-process.
         "kinoray_overhead": round(c["measured_s"] / (bare_total * measured_share), 3),
-        "kinoray_stage_busy_fraction": {k: round(v / summary.wall_s, 3) for k, v in summary.busy_s.items()},
+        # Busy seconds per wall second of each actor in steady state: the measured rows' share of
+        # a stage's busy time over the steady window (start-up, when pools load, excluded).
+        "kinoray_stage_busy_fraction": {
+            k: round(v * measured_share / c["measured_s"] / _actors(config, k), 3)
+            for k, v in summary.busy_s.items()
+        },
         "online": serving,
     }
     (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     chart(result, out_dir / "bench.png")
     return result
+
+
+def _actors(config: KinorayConfig, stage: str) -> int:
+    pools = {"encode": config.encoder, "denoise": config.denoiser, "decode": config.decoder}
+    return pools[stage].max_replicas if stage in pools else config.batch.write_concurrency
 
 
 def chart(result: dict[str, Any], path: Path) -> None:
@@ -342,7 +369,7 @@ def render(result: dict[str, Any]) -> str:
         f"kinoray / diffusers loop:  {result['ratio_kinoray_vs_diffusers_loop']:.2f}x",
         f"kinoray / Ray one stage:   {result['ratio_kinoray_vs_ray_one_stage']:.2f}x",
         f"kinoray overhead:          {result['kinoray_overhead']:.2f} (steady wall / bare stage compute)",
-        "stage busy fraction:       "
+        "busy fraction per actor:   "
         + ", ".join(f"{k} {v:.2f}" for k, v in result["kinoray_stage_busy_fraction"].items()),
     ]
     if result["online"]:
@@ -358,6 +385,13 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.scale:
+        from kinoray import bench_scale
+
+        scale = bench_scale.run(args.scale, Path(args.out))
+        print(bench_scale.render(scale))
+        print(f"\nwritten: {Path(args.out) / 'scale.json'}")
+        return 0
     result = run(args.weights or BENCH_MODEL, args.rows, Path(args.out), args.device, args.online_requests)
     print(render(result))
     print(f"\nwritten: {Path(args.out) / 'bench.json'}, {Path(args.out) / 'bench.png'}")

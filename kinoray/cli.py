@@ -66,15 +66,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from kinoray.pipelines.job import run_job
-    from kinoray.pipelines.table import InputError
+    import signal
 
+    from kinoray.pipelines.job import JobInterrupted, run_job
+    from kinoray.pipelines.sources import InputError
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise JobInterrupted("SIGTERM", 143)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     config = _load_config(args)
     try:
-        summary = run_job(args.prompts, args.output, config, ray_address=args.address, num_cpus=args.num_cpus)
+        summary = run_job(
+            args.prompts,
+            args.output,
+            config,
+            ray_address=args.address,
+            num_cpus=args.num_cpus,
+            dry_run=args.dry_run,
+        )
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except JobInterrupted as exc:
+        done = exc.summary
+        kept = (
+            f"{done.ok} videos written and recorded this run, {done.skipped} already done"
+            if done
+            else "nothing"
+        )
+        print(
+            f"kinoray: stopped by {exc.signal_name}: {kept}; run the same command to finish the rest",
+            file=sys.stderr,
+        )
+        return exc.code
     print(summary.render())
     return 0 if summary.failed == 0 else 3
 
@@ -125,11 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("batch", help="a bulk job: prompt table in, videos + manifest out")
-    b.add_argument("prompts", help="JSONL, CSV or Parquet at any fsspec URL")
+    b.add_argument(
+        "prompts",
+        nargs="+",
+        help="prompt tables: files, folders of parts or globs (JSONL, CSV, TSV, JSON, Parquet; any fsspec URL)",
+    )
     b.add_argument("-o", "--output", required=True, help="output folder (fsspec URL)")
     _add_model_flags(b)
     b.add_argument("--address", help="Ray cluster address (default: start a local one)")
     b.add_argument("--num-cpus", type=int, help="CPUs for a local Ray cluster")
+    b.add_argument(
+        "--dry-run", action="store_true", help="read and validate every row, load no model, print the plan"
+    )
     b.set_defaults(func=cmd_batch)
 
     s = sub.add_parser("serve", help="the OpenAI-compatible Videos API on Ray Serve")
@@ -142,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--rows", type=int, default=24, help="prompts in the bulk comparison")
     k.add_argument("--online-requests", type=int, default=16, help="requests per concurrency level (0: skip)")
     k.add_argument("--out", default="bench-results")
+    k.add_argument(
+        "--scale",
+        type=int,
+        metavar="ROWS",
+        help="instead: a table of ROWS generated rows, as JSONL and as Parquet parts: --dry-run speed, "
+        "driver memory, time to the first video",
+    )
     k.set_defaults(func=cmd_bench)
     return parser
 

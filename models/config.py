@@ -59,6 +59,10 @@ class BatchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     write_concurrency: int = Field(default=1, ge=1, description="parallel video writer tasks")
+    passthrough_columns: list[str] = Field(
+        default_factory=list,
+        description="input columns carried into the manifest as text (e.g. a caption id); other unknown columns are an error",
+    )
     metrics_port: int | None = Field(default=None, description="serve the job's Prometheus metrics here")
     pushgateway: str | None = Field(default=None, description="push the final summary here (host:port)")
 

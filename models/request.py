@@ -96,6 +96,13 @@ def _limits(info: ValidationInfo) -> RequestLimits:
     return ctx.get("limits") or RequestLimits()
 
 
+def _no_bool(v: Any) -> Any:
+    # pydantic's lax mode reads true as 1: in a table or a body it is a wrong type, not a number.
+    if isinstance(v, bool):
+        raise ValueError("must be a number, not true or false")
+    return v
+
+
 class SamplingParams(BaseModel):
     """Shape and sampling parameters of a request: the denoiser's grouping key.
 
@@ -119,6 +126,17 @@ class SamplingParams(BaseModel):
         description="guidance scale of Wan 2.2's low-noise expert (default: guidance_scale)",
         json_schema_extra={"optional_param": True},
     )
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> SamplingParams:
+        """The sampling parameters of a flat row of validated values (see `GenerationRequest.from_row`)."""
+        values: dict[str, Any] = {k: _plain(row[k]) for k in cls.model_fields}
+        return cls.model_construct(**values)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers(cls, v: Any) -> Any:
+        return _no_bool(v)
 
     @field_validator("height", "width")
     @classmethod
@@ -202,6 +220,11 @@ class GenerationRequest(BaseModel):
 
     TEXT_FIELDS: ClassVar[tuple[str, ...]] = ("prompt", "negative_prompt")
 
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed(cls, v: Any) -> Any:
+        return _no_bool(v)
+
     @field_validator("id")
     @classmethod
     def _id(cls, v: str) -> str:
@@ -239,10 +262,13 @@ class GenerationRequest(BaseModel):
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> GenerationRequest:
-        """A request from a flat row of already validated values (no limits are checked)."""
-        sampling = SamplingParams.model_construct(**{k: row[k] for k in SamplingParams.model_fields})
-        top = {k: row[k] for k in ("id", "prompt", "negative_prompt", "seed")}
-        return cls.model_construct(**top, sampling=sampling)
+        """A request from a flat row of already validated values (no limits are checked).
+
+        Values may be numpy scalars, and an optional parameter may be NaN: Arrow gives a float
+        column's missing values back as NaN.
+        """
+        top = {k: _plain(row[k]) for k in ("id", "prompt", "negative_prompt", "seed")}
+        return cls.model_construct(**top, sampling=SamplingParams.from_row(row))
 
 
 TOP_FIELDS = ("id", "prompt", "negative_prompt", "seed")
@@ -370,6 +396,11 @@ class RequestBuilder:
         content = {k: v for k, v in req.row().items() if k != "id" and (with_seed or k != "seed")}
         content["model"] = self.model
         return hashlib.sha256(_canonical(content).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _plain(v: Any) -> Any:
+    v = v.item() if hasattr(v, "item") and not isinstance(v, (str, bytes)) else v
+    return None if isinstance(v, float) and v != v else v
 
 
 def _missing(v: Any) -> bool:

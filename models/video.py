@@ -7,29 +7,39 @@ from fractions import Fraction
 
 import numpy as np
 
+TAG_KEY = "kinoray"
+
 
 def video_suffix(num_frames: int) -> str:
     return ".png" if num_frames == 1 else ".mp4"
 
 
-def encode_video(frames: np.ndarray, fps: int, crf: int = 18) -> bytes:
+def encode_video(frames: np.ndarray, fps: int, crf: int = 18, tag: str | None = None) -> bytes:
     """uint8 frames (T, H, W, 3) -> the bytes of an MP4, or of a PNG when T == 1.
 
-    x264 is run single-threaded so that the same frames always give the same bytes.
+    x264 is run single-threaded so that the same frames always give the same bytes. `tag` is
+    stored in the file's metadata (MP4 `comment`, PNG text chunk `kinoray`), read back by
+    `video_tag`: a bulk job tags each video with its request's digest.
     """
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
     if frames.shape[0] == 1:
         from PIL import Image
+        from PIL.PngImagePlugin import PngInfo
 
+        info = PngInfo()
+        if tag is not None:
+            info.add_text(TAG_KEY, tag)
         buf = io.BytesIO()
-        Image.fromarray(frames[0]).save(buf, format="PNG")
+        Image.fromarray(frames[0]).save(buf, format="PNG", pnginfo=info)
         return buf.getvalue()
     import av
 
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
+        if tag is not None:
+            container.metadata["comment"] = f"{TAG_KEY}:{tag}"
         stream = container.add_stream("libx264", rate=Fraction(int(fps), 1))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
@@ -40,6 +50,23 @@ def encode_video(frames: np.ndarray, fps: int, crf: int = 18) -> bytes:
         for packet in stream.encode():
             container.mux(packet)
     return buf.getvalue()
+
+
+def video_tag(data: bytes) -> str | None:
+    """The tag `encode_video` stored in a file's metadata, or None (no tag, not a video)."""
+    try:
+        if data[:8] == b"\x89PNG\r\n\x1a\n":
+            from PIL import Image
+
+            with Image.open(io.BytesIO(data)) as im:
+                return im.info.get(TAG_KEY)
+        import av
+
+        with av.open(io.BytesIO(data)) as container:
+            comment = container.metadata.get("comment", "")
+        return comment.removeprefix(f"{TAG_KEY}:") if comment.startswith(f"{TAG_KEY}:") else None
+    except Exception:
+        return None
 
 
 def probe_video(data: bytes) -> dict[str, object]:

@@ -1,4 +1,14 @@
-"""A bulk job: prompt table -> encode pool -> denoise pool -> decode pool -> videos + manifest."""
+"""A bulk job: prompt tables -> validate -> claim -> encode pool -> denoise pool -> decode pool ->
+videos + manifest, streamed by Ray Data so that the driver never holds the table.
+
+1. resolve the prompt source into files, each checked by its header (a bad file fails here);
+2. read the files with Ray Data (`PromptTables`), spread over the cluster;
+3. validate each row in the pipeline (`validate_rows`): a bad row becomes a failed manifest row;
+4. claim each row in input order (`JobState`): generate it, skip it as done, share another row's
+   output, or fail it as a colliding id; rows to generate are bucketed by sampling parameters;
+5. the three stage pools, each `map_batches` with its own `ActorPoolStrategy`;
+6. write each video and report its manifest row to the job's state, which writes the parts.
+"""
 
 from __future__ import annotations
 
@@ -7,43 +17,80 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+import pyarrow as pa
+
 from kinoray.models.config import KinorayConfig, StageConfig
-from kinoray.models.request import ID_PATTERN, SAMPLING_FIELDS, RequestError
+from kinoray.models.request import RequestBuilder
 from kinoray.models.stages import Decoder, Denoiser, TextEncoder
 from kinoray.pipelines import manifest
 from kinoray.pipelines.progress import JobMetrics
-from kinoray.pipelines.table import ERROR_KEY, read_prompt_table
+from kinoray.pipelines.sources import PromptFile, PromptTables, resolve
+from kinoray.pipelines.state import JobState
+from kinoray.pipelines.validate import sampling_order, validate_rows
 from kinoray.pipelines.writer import write_videos
 
 log = logging.getLogger(__name__)
+PROGRESS_POLL_S = 0.5
+READ_CPUS = 0.25
+BLOCK_BYTES = 1 << 20
+
+
+class JobInterrupted(Exception):
+    """The job was stopped by a signal; `code` is the exit code (130 SIGINT, 143 SIGTERM) and
+    `summary` what was finished and recorded before it stopped."""
+
+    def __init__(self, signal_name: str, code: int):
+        super().__init__(signal_name)
+        self.signal_name, self.code = signal_name, code
+        self.summary: JobSummary | None = None
 
 
 @dataclass
 class JobSummary:
+    """What a run did; `render()` is what `kinoray batch` prints."""
+
     output: str
     run: str
+    dry_run: bool = False
     total: int = 0
     ok: int = 0
     failed: int = 0
     skipped: int = 0
+    duplicate: int = 0
+    to_generate: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    shapes: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
-    busy_s: dict[str, float] = field(
-        default_factory=lambda: {"encode": 0.0, "denoise": 0.0, "decode": 0.0, "write": 0.0}
-    )
+    busy_s: dict[str, float] = field(default_factory=dict)
+    interrupted: str | None = None
 
     @property
     def videos_per_minute(self) -> float:
         return 60.0 * self.ok / self.wall_s if self.wall_s > 0 else 0.0
 
     def render(self) -> str:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.reasons.items(), key=lambda kv: -kv[1]))
+        why = f" ({reasons})" if reasons else ""
+        if self.dry_run:
+            lines = [
+                f"dry run: {self.total} rows",
+                f"  to generate: {self.to_generate}",
+                f"  to skip (done): {self.skipped}",
+                f"  same request as another row: {self.duplicate}",
+                f"  to fail: {self.failed}{why}",
+                "shapes to generate:",
+                *(f"  {shape:<40}{n:>10}" for shape, n in sorted(self.shapes.items(), key=lambda kv: -kv[1])),
+            ]
+            return "\n".join(lines)
         busy = ", ".join(f"{k} {v:.1f}s" for k, v in self.busy_s.items())
         return (
-            f"rows: {self.ok} ok, {self.failed} failed, {self.skipped} skipped (of {self.total})\n"
+            f"rows: {self.ok} ok, {self.failed} failed{why}, {self.skipped} skipped as done, "
+            f"{self.duplicate} same as another row (of {self.total})\n"
             f"wall time: {self.wall_s:.1f}s, {self.videos_per_minute:.1f} videos/min\n"
             f"stage busy time: {busy}\n"
             f"manifest: {manifest.join(self.output, manifest.MANIFEST_DIR)}"
@@ -51,55 +98,23 @@ class JobSummary:
 
 
 def _run_id() -> str:
-    # Sorts by start time: the manifest keeps the latest run's row for an id.
+    # Sorts by start time: manifest parts of later runs win.
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
 
 
-def plan_rows(
-    rows: list[dict[str, Any]], config: KinorayConfig, done: set[str]
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
-    """Validate rows -> (requests to generate, failed manifest rows, count skipped as done)."""
-    builder = config.request_builder()
-    todo: list[dict[str, Any]] = []
-    failed: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    skipped = 0
-    for n, raw in enumerate(rows):
-        raw_id = raw.get("id")
-        fallback_id = str(raw_id) if isinstance(raw_id, str) and ID_PATTERN.match(raw_id) else f"row-{n}"
-        if ERROR_KEY in raw:
-            failed.append({"id": fallback_id, "row": n, **_failure(raw[ERROR_KEY], "invalid_row")})
-            continue
-        try:
-            req = builder.build(raw)
-        except RequestError as exc:
-            prompt = raw.get("prompt") if isinstance(raw.get("prompt"), str) else None
-            failed.append(
-                {"id": fallback_id, "row": n, "prompt": prompt, **_failure(str(exc), "invalid_request")}
-            )
-            continue
-        if req.id in seen:
-            failed.append(
-                {
-                    "id": f"row-{n}",
-                    "row": n,
-                    "prompt": req.prompt,
-                    **_failure(f"duplicate id {req.id!r}", "duplicate_id"),
-                }
-            )
-            continue
-        seen.add(req.id)
-        if req.id in done:
-            skipped += 1
-            continue
-        todo.append({**req.row(), "row": n})
-    # Shape buckets: rows of one shape arrive together, so the denoiser's batches stay full.
-    todo.sort(key=lambda r: (*(str(r[c]) for c in SAMPLING_FIELDS), r["row"]))
-    return todo, failed, skipped
+class ClaimRows:
+    """The claim step: one actor, fed blocks in input order, asks the job's state to decide
+    each row and passes on the rows to generate, bucketed by sampling parameters."""
 
+    def __init__(self, state: Any, dry_run: bool):
+        self.state, self.dry_run = state, dry_run
 
-def _failure(message: str, reason: str) -> dict[str, Any]:
-    return {"status": "failed", "error": message, "error_stage": "validate", "error_reason": reason}
+    def __call__(self, block: pa.Table) -> pa.Table:
+        import ray
+
+        keep = ray.get(self.state.claim.remote(block))
+        rows = block.filter(keep)
+        return rows.slice(0, 0) if self.dry_run else sampling_order(rows)
 
 
 def _pool(stage: StageConfig) -> dict[str, Any]:
@@ -116,12 +131,47 @@ def _pool(stage: StageConfig) -> dict[str, Any]:
     }
 
 
-def build_dataset(todo: list[dict[str, Any]], config: KinorayConfig, output: str, run: str) -> Any:
+def build_dataset(
+    files: Sequence[PromptFile],
+    builder: RequestBuilder,
+    config: KinorayConfig,
+    output: str,
+    run: str,
+    state: Any,
+    dry_run: bool = False,
+) -> Any:
+    """The job's Ray Data pipeline (lazy); its output is each finished row's status."""
     import ray.data
 
+    passthrough = list(config.batch.passthrough_columns)
+    # A FileBasedDatasource of kinoray's own rather than read_json/read_csv/read_parquet: those
+    # infer one schema per block (a row of another type fails the whole read) and do not give a
+    # row's position in its file, which the manifest records and errors cite.
+    # Reading and validating are light next to the models: a small CPU share each, so that they
+    # are scheduled even where the stage actors hold every CPU of a node.
+    ds = ray.data.read_datasource(
+        PromptTables(files, state.file_read),
+        override_num_blocks=len(files),
+        num_cpus=READ_CPUS,
+    )
+    ds = ds.map_batches(
+        validate_rows,
+        fn_kwargs={"builder": builder, "files": [f.url for f in files], "passthrough": passthrough},
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=READ_CPUS,
+    )
+    ds = ds.map_batches(
+        ClaimRows,
+        fn_constructor_kwargs={"state": state, "dry_run": dry_run},
+        compute=ray.data.ActorPoolStrategy(size=1),
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=0,
+    )
+    if dry_run:
+        return ds
     spec = config.model.model_dump()
-    blocks = max(1, math.ceil(len(todo) / config.encoder.batch_size))
-    ds = ray.data.from_items(todo, override_num_blocks=blocks)
     ds = ds.map_batches(TextEncoder, fn_constructor_kwargs={"model": spec}, **_pool(config.encoder))
     ds = ds.map_batches(
         Denoiser,
@@ -135,7 +185,7 @@ def build_dataset(todo: list[dict[str, Any]], config: KinorayConfig, output: str
     )
     return ds.map_batches(
         write_videos,
-        fn_kwargs={"output": output, "run": run},
+        fn_kwargs={"output": output, "run": run, "state": state, "passthrough": passthrough},
         batch_size=config.decoder.batch_size,
         batch_format="numpy",
         num_cpus=0.25,
@@ -143,98 +193,143 @@ def build_dataset(todo: list[dict[str, Any]], config: KinorayConfig, output: str
     )
 
 
-def _init_ray(config: KinorayConfig, address: str | None, num_cpus: int | None) -> None:
+def _init_ray(config: KinorayConfig, address: str | None, num_cpus: int | None) -> bool:
+    """Connect to Ray; returns whether this call started a local cluster."""
     import ray
     import ray.data
 
-    # The job draws its own progress bar; Ray Data's per-operator progress is noise here.
-    ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     if ray.is_initialized():
-        return
+        return False
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address)  # an existing cluster (a RayJob sets RAY_ADDRESS)
-        return
-    # A local cluster gets enough logical CPUs for one actor per stage plus the writers.
+        ray.init(address=address, log_to_driver=False)  # an existing cluster (a RayJob sets RAY_ADDRESS)
+        return False
+    # A local cluster gets enough logical CPUs for one actor per stage plus readers and writers.
     stages = (config.encoder, config.denoiser, config.decoder)
     need = math.ceil(sum(s.num_cpus * max(1, s.min_replicas) for s in stages) + 1)
     ray.init(
         num_cpus=num_cpus or max(os.cpu_count() or 1, need), include_dashboard=False, log_to_driver=False
     )
+    return True
 
 
 def run_job(
-    prompts: str,
+    prompts: str | Sequence[str],
     output: str,
     config: KinorayConfig | None = None,
     ray_address: str | None = None,
     num_cpus: int | None = None,
     progress: bool = True,
     on_rows: Callable[[int], None] | None = None,
+    dry_run: bool = False,
 ) -> JobSummary:
-    """Generate every row of `prompts` not already done in `output`; see the summary for counts.
+    """Generate every row of `prompts` (a file, a folder of parts, a glob or a list of these)
+    not already done in `output`; `on_rows(n)` hears of each batch of `n` finished videos.
 
-    `on_rows(n)` is called as each batch of `n` finished rows reaches the driver.
+    With `dry_run`, rows are read, validated and planned without loading any model.
+    Raises `InputError` for a source that cannot be used (before anything starts) and
+    `JobInterrupted` after SIGINT/SIGTERM, once what finished is recorded.
     """
+    import ray
+    import ray.data
+
     config = config or KinorayConfig()
     start = time.perf_counter()
-    rows = read_prompt_table(prompts)  # a bad file fails here, before any model is loaded
+    passthrough = list(config.batch.passthrough_columns)
+    files = resolve(prompts, passthrough)
+    builder = config.request_builder()  # the checkpoint's configs only; no weights
     run = _run_id()
-    summary = JobSummary(output=output, run=run, total=len(rows))
-    todo, failed, summary.skipped = plan_rows(rows, config, manifest.done_ids(output))
-    metrics = JobMetrics(run, len(rows), config.batch.metrics_port, config.batch.pushgateway)
-    metrics.add("skipped", summary.skipped)
-    if failed:
-        manifest.write_part(output, manifest.to_table(failed), run)
-        summary.failed += len(failed)
-        metrics.add("failed", len(failed))
+    started = _init_ray(config, ray_address, num_cpus)
+    context = ray.data.DataContext.get_current()
+    saved = (
+        context.enable_progress_bars,
+        context.execution_options.preserve_order,
+        context.target_max_block_size,
+    )
+    # Rows are claimed in input order, so "the first row with an id" means first by file and row.
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = False  # the job draws its own
+    # A stage task emits a block each time its output reaches this size, so small blocks stream
+    # through the pools batch by batch instead of an input block at a time (Ray Data's default,
+    # 128 MiB, would hold thousands of rows of a small model's embeddings in one block).
+    context.target_max_block_size = BLOCK_BYTES
+    state = ray.remote(num_cpus=0)(JobState).remote(output, run, [f.url for f in files], passthrough, dry_run)
+    metrics = JobMetrics(run, config.batch.metrics_port, config.batch.pushgateway)
+    bar = _ProgressBar(progress and not dry_run)
+    interrupted: JobInterrupted | None = None
     try:
-        _generate(todo, config, output, run, summary, metrics, ray_address, num_cpus, progress, on_rows)
+        last_poll = 0.0
+        for batch in build_dataset(files, builder, config, output, run, state, dry_run).iter_batches(
+            batch_size=None, batch_format="pyarrow"
+        ):
+            if on_rows is not None and batch.num_rows:
+                on_rows(batch.num_rows)
+            if time.monotonic() - last_poll >= PROGRESS_POLL_S:
+                last_poll = time.monotonic()
+                counts = ray.get(state.progress.remote())
+                bar.update(counts, time.perf_counter() - start)
+                metrics.update(counts)
+    except KeyboardInterrupt:
+        interrupted = JobInterrupted("SIGINT", 130)
+    except JobInterrupted as exc:
+        interrupted = exc
     finally:
-        metrics.finish()
-    manifest.compact(output, run)
-    summary.wall_s = time.perf_counter() - start
+        (
+            context.enable_progress_bars,
+            context.execution_options.preserve_order,
+            context.target_max_block_size,
+        ) = saved
+        bar.close()
+    counts = ray.get(state.finish.remote(), timeout=60)
+    metrics.update(counts)
+    metrics.finish()
+    if interrupted is None and not dry_run:
+        ray.get(ray.remote(num_cpus=0)(manifest.compact).remote(output, run))
+    ray.kill(state)
+    summary = JobSummary(
+        output=output,
+        run=run,
+        dry_run=dry_run,
+        total=counts["total"] or counts["finished"],
+        ok=counts["generated"],
+        failed=counts["failed"],
+        skipped=counts["skipped"],
+        duplicate=counts["duplicate"],
+        to_generate=counts["to_generate"],
+        reasons=counts["reasons"],
+        shapes=counts["shapes"],
+        wall_s=time.perf_counter() - start,
+        busy_s=counts["busy_s"],
+        interrupted=interrupted.signal_name if interrupted else None,
+    )
+    if started and interrupted is not None:
+        ray.shutdown()
+    if interrupted is not None:
+        interrupted.summary = summary
+        raise interrupted
     return summary
 
 
-def _generate(
-    todo: list[dict[str, Any]],
-    config: KinorayConfig,
-    output: str,
-    run: str,
-    summary: JobSummary,
-    metrics: JobMetrics,
-    ray_address: str | None,
-    num_cpus: int | None,
-    progress: bool,
-    on_rows: Callable[[int], None] | None,
-) -> None:
-    if not todo:
-        return
-    _init_ray(config, ray_address, num_cpus)
-    bar = _progress_bar(len(todo), progress)
-    for batch in build_dataset(todo, config, output, run).iter_batches(
-        batch_size=None, batch_format="pyarrow"
-    ):
-        table = batch.select(manifest.SCHEMA.names).cast(manifest.SCHEMA)
-        manifest.write_part(output, table, run)
-        for r in table.select(["status", "encode_s", "denoise_s", "decode_s", "write_s"]).to_pylist():
-            summary.ok += r["status"] == "ok"
-            summary.failed += r["status"] != "ok"
-            metrics.add(r["status"])
-            for stage in summary.busy_s:
-                summary.busy_s[stage] += r[f"{stage}_s"] or 0.0
-        if bar is not None:
-            bar.update(table.num_rows)
-        if on_rows is not None:
-            on_rows(table.num_rows)
-    if bar is not None:
-        bar.close()
+class _ProgressBar:
+    """Rows finished against the total once it is known, and videos per minute."""
 
+    def __init__(self, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
 
-def _progress_bar(total: int, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from tqdm import tqdm
+            self.bar = tqdm(total=None, unit="row", desc="kinoray", file=sys.stderr, mininterval=1.0)
 
-    return tqdm(total=total, unit="video", desc="kinoray", file=sys.stderr, mininterval=1.0)
+    def update(self, counts: dict[str, Any], elapsed: float) -> None:
+        if self.bar is None:
+            return
+        if counts["total"] is not None and self.bar.total != counts["total"]:
+            self.bar.total = counts["total"]
+        self.bar.update(counts["finished"] - self.bar.n)
+        self.bar.set_postfix(
+            videos_per_min=f"{60.0 * counts['generated'] / max(elapsed, 1e-9):.1f}", refresh=False
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,16 +1,25 @@
-"""The manifest: one row per prompt-table row, kept as a folder of Parquet parts.
+"""The manifest: one row per input row, kept as a folder of Parquet parts.
 
-Parts are written as results stream in, so a killed job keeps every finished row; at the end of a
-run the parts are compacted into one, with one row per id (the latest run's row wins).
+A row is keyed by its input position (`file`, `row`) and records the request, a digest of
+everything that decides its output (`request_digest`, the model included), the output path,
+the status and timings. Parts are written while the job runs (by the job's state actor, never
+the driver); where a position was written twice, the later part wins. A run that completes
+compacts the parts into one holding exactly its own rows.
+
+Statuses: `ok` (the video at `output` is this request's), `failed` (`error`, `error_stage`,
+`error_reason` say why), `duplicate` (while a run is going: the same request as another row,
+which makes the one output; it takes that row's outcome when the run completes).
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kinoray.models.request import field_type, request_fields
@@ -21,38 +30,56 @@ VIDEOS_DIR = "videos"
 _ARROW = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}
 # The request's own fields, typed as the request model types them.
 REQUEST_SCHEMA = [pa.field(name, _ARROW[field_type(info)]) for name, info in request_fields().items()]
-SCHEMA = pa.schema(
-    [
-        REQUEST_SCHEMA[0],  # id
-        ("row", pa.int64()),
-        *REQUEST_SCHEMA[1:],
-        ("output", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("error_stage", pa.string()),
-        ("error_reason", pa.string()),
-        ("encode_s", pa.float64()),
-        ("denoise_s", pa.float64()),
-        ("decode_s", pa.float64()),
-        ("write_s", pa.float64()),
-        ("run", pa.string()),
-    ]
-)
+OUTCOME_SCHEMA = [
+    pa.field("output", pa.string()),
+    pa.field("status", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("error_stage", pa.string()),
+    pa.field("error_reason", pa.string()),
+    pa.field("encode_s", pa.float64()),
+    pa.field("denoise_s", pa.float64()),
+    pa.field("decode_s", pa.float64()),
+    pa.field("write_s", pa.float64()),
+    pa.field("run", pa.string()),
+]
+OUTCOME_COLUMNS = [f.name for f in OUTCOME_SCHEMA]
+
+
+def schema(passthrough: Sequence[str] = ()) -> pa.Schema:
+    """The manifest's columns; `passthrough` columns (from the input table) are text."""
+    return pa.schema(
+        [
+            pa.field("file", pa.string()),
+            pa.field("row", pa.int64()),
+            *REQUEST_SCHEMA,
+            pa.field("request_digest", pa.string()),
+            *(pa.field(name, pa.string()) for name in passthrough),
+            *OUTCOME_SCHEMA,
+        ]
+    )
+
+
+SCHEMA = schema()
 
 
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
 
-def to_table(rows: list[dict[str, Any]]) -> pa.Table:
-    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in SCHEMA} for r in rows], schema=SCHEMA)
+def to_table(rows: list[dict[str, Any]], table_schema: pa.Schema = SCHEMA) -> pa.Table:
+    return pa.Table.from_pylist(
+        [{f.name: r.get(f.name) for f in table_schema} for r in rows], schema=table_schema
+    )
 
 
-def write_part(output: str, table: pa.Table, run: str) -> str:
-    """Write `table` as a new part; temporary name first so a reader never sees half a file."""
+def write_part(output: str, table: pa.Table, run: str, seq: int) -> str:
+    """Write `table` as part `seq` of `run`; a temporary name first, so a reader never sees half a file.
+
+    Part names sort by run (runs sort by start time), then by `seq`: later parts win.
+    """
     fs, root = fsspec.core.url_to_fs(join(output, MANIFEST_DIR))
     fs.makedirs(root, exist_ok=True)
-    name = f"part-{run}-{uuid.uuid4().hex[:12]}.parquet"
+    name = f"part-{run}-{seq:08d}-{uuid.uuid4().hex[:8]}.parquet"
     tmp = join(root, f".tmp-{name}")
     with fs.open(tmp, "wb") as f:
         pq.write_table(table, f)
@@ -60,52 +87,52 @@ def write_part(output: str, table: pa.Table, run: str) -> str:
     return name
 
 
-def read(output: str) -> pa.Table:
-    """All manifest rows, one per id: where a row was written twice, the later run's wins."""
+def _parts(output: str) -> tuple[Any, list[str]]:
     fs, root = fsspec.core.url_to_fs(join(output, MANIFEST_DIR))
     if not fs.exists(root):
+        return fs, []
+    names = sorted(p for p in fs.ls(root, detail=False) if p.rsplit("/", 1)[-1].startswith("part-"))
+    return fs, names
+
+
+def _run_of(part: str) -> str:
+    return part.rsplit("/", 1)[-1].split("-")[1]
+
+
+def _latest_per_position(tables: list[pa.Table]) -> pa.Table:
+    if not tables:
         return SCHEMA.empty_table()
-    parts = sorted(p for p in fs.ls(root, detail=False) if p.rsplit("/", 1)[-1].startswith("part-"))
-    if not parts:
-        return SCHEMA.empty_table()
+    table = pa.concat_tables(tables, promote_options="default")
+    table = table.append_column("_order", pa.array(range(table.num_rows), pa.int64()))
+    latest = table.group_by(["file", "row"], use_threads=False).aggregate([("_order", "max")])
+    out = table.filter(pc.is_in(table["_order"], value_set=latest["_order_max"])).drop_columns(["_order"])
+    return out.sort_by([("file", "ascending"), ("row", "ascending")])
+
+
+def _read_parts(fs: Any, parts: list[str]) -> list[pa.Table]:
     tables = []
     for p in parts:
         with fs.open(p, "rb") as f:
-            tables.append(pq.read_table(f).select(SCHEMA.names).cast(SCHEMA))
-    rows = pa.concat_tables(tables).to_pylist()
-    # Run ids sort by start time, so a stable sort keeps each id's latest row last.
-    latest = {r["id"]: r for r in sorted(rows, key=lambda r: r["run"] or "")}
-    return to_table(
-        sorted(latest.values(), key=lambda r: (r["row"] if r["row"] is not None else -1, r["id"]))
-    )
+            tables.append(pq.read_table(f))
+    return tables
 
 
-def compact(output: str, run: str) -> pa.Table:
-    """Rewrite all parts as one; safe to interrupt (readers dedupe by id in the meantime)."""
-    fs, root = fsspec.core.url_to_fs(join(output, MANIFEST_DIR))
-    table = read(output)
-    if not fs.exists(root):
-        return table
-    old = [p for p in fs.ls(root, detail=False) if p.rsplit("/", 1)[-1].startswith("part-")]
-    new = write_part(output, table, run)
-    for p in old:
+def read(output: str, run: str | None = None) -> pa.Table:
+    """The manifest's rows, one per input position (the latest written); only `run`'s when given."""
+    fs, parts = _parts(output)
+    if run is not None:
+        parts = [p for p in parts if _run_of(p) == run]
+    return _latest_per_position(_read_parts(fs, parts))
+
+
+def compact(output: str, run: str) -> int:
+    """Rewrite the manifest as one part holding `run`'s rows (one per input row of a completed
+    run); safe to interrupt: until the old parts are gone, readers take the latest per position.
+    Returns the number of rows."""
+    fs, parts = _parts(output)
+    table = _latest_per_position(_read_parts(fs, [p for p in parts if _run_of(p) == run]))
+    new = write_part(output, table, run, 99_999_999)
+    for p in parts:
         if not p.endswith(new):
             fs.rm(p)
-    return table
-
-
-def done_ids(output: str) -> set[str]:
-    """Ids whose manifest row is `ok` and whose video file still exists.
-
-    Resume reads the manifest rather than Ray Data's `CheckpointConfig(id_column=...)`, which
-    lacks three things a job here needs: it filters on an id column of the input file (rows
-    without ids get theirs from their content, after reading), its id log is its own and does not
-    notice a deleted video or manifest row, and it checkpoints whole blocks.
-    """
-    table = read(output)
-    ok = {r["id"]: r["output"] for r in table.to_pylist() if r["status"] == "ok"}
-    if not ok:
-        return set()
-    fs, root = fsspec.core.url_to_fs(join(output, VIDEOS_DIR))
-    present = {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)} if fs.exists(root) else set()
-    return {i for i, out in ok.items() if out and out.rsplit("/", 1)[-1] in present}
+    return table.num_rows

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, push_to_gateway, start_http_server
 
 log = logging.getLogger(__name__)
+# label -> the job state's count
+STATUSES = {"ok": "generated", "failed": "failed", "skipped": "skipped", "duplicate": "duplicate"}
 
 
 class JobMetrics:
-    def __init__(self, run: str, total: int, port: int | None = None, pushgateway: str | None = None):
+    """`kinoray_job_*` gauges, updated from the job state's counts (`JobState.progress`)."""
+
+    def __init__(self, run: str, port: int | None = None, pushgateway: str | None = None):
         self.registry = CollectorRegistry()
         self.pushgateway = pushgateway
         self.run = run
@@ -24,23 +29,29 @@ class JobMetrics:
         self.rows = Counter(
             "kinoray_job_rows", "Rows finished by this job, by status", ["status"], registry=self.registry
         )
-        self.total = Gauge("kinoray_job_rows_planned", "Rows in the prompt table", registry=self.registry)
+        self._seen = dict.fromkeys(STATUSES, 0)
+        self.total = Gauge(
+            "kinoray_job_rows_planned",
+            "Rows in the prompt tables (once read to the end)",
+            registry=self.registry,
+        )
         self.remaining = Gauge("kinoray_job_rows_remaining", "Rows not finished yet", registry=self.registry)
         self.vpm = Gauge(
             "kinoray_job_videos_per_minute", "Videos per minute since the job started", registry=self.registry
         )
-        self.total.set(total)
-        self.remaining.set(total)
         self.server = None
         if port is not None:
             self.server, _ = start_http_server(port, addr="0.0.0.0", registry=self.registry)
 
-    def add(self, status: str, n: int = 1) -> None:
-        if n:
-            self.rows.labels(status=status).inc(n)
-            self.remaining.dec(n)
-        ok = self.rows.labels(status="ok")._value.get()
-        self.vpm.set(60.0 * ok / max(time.time() - self.start, 1e-9))
+    def update(self, counts: dict[str, Any]) -> None:
+        for label, key in STATUSES.items():
+            if counts[key] > self._seen[label]:
+                self.rows.labels(status=label).inc(counts[key] - self._seen[label])
+                self._seen[label] = counts[key]
+        if counts["total"] is not None:
+            self.total.set(counts["total"])
+            self.remaining.set(counts["total"] - counts["finished"])
+        self.vpm.set(60.0 * counts["generated"] / max(time.time() - self.start, 1e-9))
 
     def finish(self) -> None:
         if self.pushgateway:

@@ -9,10 +9,10 @@ from kinoray.deployments.api import APIError, VideoCreateBody, parse_create
 from kinoray.models.config import KinorayConfig
 from kinoray.models.families import adapter_class, load_pipeline
 from kinoray.models.local import LocalPipeline
+from kinoray.models.request import REQUEST_COLUMNS as COLUMNS
 from kinoray.models.request import RequestError
 from kinoray.models.spec import ModelSpec
 from kinoray.pipelines.manifest import SCHEMA
-from kinoray.pipelines.table import COLUMNS
 
 WAN22 = KinorayConfig(model=ModelSpec(weights="tiny-wan22"))
 

@@ -166,7 +166,7 @@ def test_serve_config_and_job_entrypoint_are_kinorays_own(variant):
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[0] == "kinoray"
     args = build_parser().parse_args(argv[1:])
-    assert args.command == "batch" and args.prompts.startswith("s3://") and args.output.startswith("s3://")
+    assert args.command == "batch" and args.prompts[0].startswith("s3://") and args.output.startswith("s3://")
     configmap = next(d for d in by_kind["ConfigMap"] if d["metadata"]["name"] == "kinoray-config")
     cluster = by_kind["RayCluster"][0]
     assert job["spec"]["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]

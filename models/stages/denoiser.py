@@ -9,7 +9,7 @@ import numpy as np
 
 from kinoray.models import telemetry
 from kinoray.models.request import SAMPLING_FIELDS, SamplingParams
-from kinoray.models.stages.base import Batch, ModelStage, scalar
+from kinoray.models.stages.base import Batch, ModelStage
 
 # (row ids of the chunk, steps done, total steps)
 ProgressCallback = Callable[[list[str], int, int], None]
@@ -17,12 +17,7 @@ ProgressCallback = Callable[[list[str], int, int], None]
 
 def sampling_of(batch: Batch, i: int) -> SamplingParams:
     """Row `i`'s sampling parameters (validated upstream), as the denoiser's grouping key."""
-    values: dict[str, Any] = {}
-    for name in SAMPLING_FIELDS:
-        v = scalar(batch[name][i])
-        # Arrow turns a float column with missing values into NaN: an optional parameter's None.
-        values[name] = None if isinstance(v, float) and v != v else v
-    return SamplingParams.model_construct(**values)
+    return SamplingParams.from_row({name: batch[name][i] for name in SAMPLING_FIELDS})
 
 
 class Denoiser(ModelStage):

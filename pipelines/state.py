@@ -1,0 +1,248 @@
+"""A bulk job's state: what it has decided about each row, and the manifest rows it has written.
+
+One `JobState` runs per job as a Ray actor (`ray.remote(JobState)`), so the driver never holds
+the table. It
+
+- knows what earlier runs finished: the manifest's `ok` rows whose video still exists, and
+  videos an interrupted run wrote before recording them (their metadata tag holds the request
+  digest);
+- decides each validated row, in input order (`claim`): generate it, skip it as done, treat it
+  as the same request as an earlier row (identical content, one output), or fail it because an
+  earlier row has the same explicit id and other content;
+- writes every manifest row: rows it decides not to generate, at once; generated rows when the
+  writer reports them (`record`). Rows are buffered for at most `FLUSH_S` seconds, then written
+  as one Parquet part;
+- counts rows by outcome, failures by reason and the shapes to generate, for progress, the
+  summary and `--dry-run`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from kinoray.models.video import video_tag
+from kinoray.pipelines import manifest
+
+FLUSH_S = 1.0
+FLUSH_ROWS = 20_000
+STAGES = ("encode", "denoise", "decode", "write")
+
+
+def video_name(row_id: str, num_frames: int) -> str:
+    return f"{row_id}{'.png' if num_frames == 1 else '.mp4'}"
+
+
+class JobState:
+    """The decisions and records of one run of a bulk job (see the module docstring)."""
+
+    def __init__(
+        self,
+        output: str,
+        run: str,
+        files: Sequence[str],
+        passthrough: Sequence[str] = (),
+        dry_run: bool = False,
+    ):
+        """`files` are the input tables' URLs, by file index; a `dry_run` state writes nothing."""
+        self.output, self.run, self.files, self.dry_run = output, run, list(files), dry_run
+        self.schema = manifest.schema(passthrough)
+        self.claims: dict[str, tuple[str, int, int]] = {}  # id -> (digest, file index, row)
+        self.duplicates: list[dict[str, Any]] = []  # rows that share another row's output
+        self.failed_ids: dict[str, str] = {}  # generated ids that failed -> error
+        self.counts: Counter[str] = Counter()
+        self.reasons: Counter[str] = Counter()
+        self.shapes: Counter[str] = Counter()
+        self.busy = dict.fromkeys(STAGES, 0.0)
+        self.file_rows: dict[int, int] = {}
+        self._buffer: list[pa.Table] = []
+        self._buffered = 0
+        self._last_flush = time.monotonic()
+        self._seq = 0
+        self._load_done()
+
+    # -- what earlier runs finished ---------------------------------------------------------------
+
+    def _load_done(self) -> None:
+        fs, root = fsspec.core.url_to_fs(manifest.join(self.output, manifest.VIDEOS_DIR))
+        self.videos_fs, self.videos_root = fs, root
+        names = fs.ls(root, detail=False) if fs.exists(root) else []
+        for path in names:  # half-written files of a run that was killed (one job per output)
+            if path.rsplit("/", 1)[-1].startswith(".tmp-") and not self.dry_run:
+                fs.rm(path)
+        self.present = {p.rsplit("/", 1)[-1] for p in names if not p.rsplit("/", 1)[-1].startswith(".")}
+        previous = manifest.read(self.output)
+        ok = previous.filter(pc.equal(previous["status"], "ok")) if previous.num_rows else previous
+        # An id done with two different requests (two runs, two contents) is not trusted as done.
+        self.done: dict[str, int] = {}
+        conflicted: set[str] = set()
+        digests: dict[str, str] = {}
+        for i, (rid, digest, output) in enumerate(
+            zip(ok["id"].to_pylist(), ok["request_digest"].to_pylist(), ok["output"].to_pylist())
+        ):
+            if rid is None or output is None or output.rsplit("/", 1)[-1] not in self.present:
+                continue
+            if digests.setdefault(rid, digest) != digest:
+                conflicted.add(rid)
+            self.done[rid] = i
+        for rid in conflicted:
+            self.done.pop(rid, None)
+        self.done_rows = ok.select([n for n in self.schema.names if n in ok.column_names])
+
+    def _done_record(self, row: dict[str, Any]) -> dict[str, Any] | None:
+        """The manifest row an earlier run wrote for this request, if its video is still there."""
+        rid, digest = row["id"], row["request_digest"]
+        index = self.done.get(rid)
+        if index is not None:
+            old = self.done_rows.slice(index, 1).to_pylist()[0]
+            return old if old["request_digest"] == digest else None
+        name = video_name(rid, row["num_frames"])
+        if name in self.present:  # written by a run that was stopped before recording it
+            with self.videos_fs.open(f"{self.videos_root}/{name}", "rb") as f:
+                if video_tag(f.read()) == digest:
+                    return {"output": manifest.join(self.output, manifest.VIDEOS_DIR, name), "run": None}
+        return None
+
+    # -- deciding rows ----------------------------------------------------------------------------
+
+    def claim(self, table: pa.Table) -> pa.Array:
+        """Decide each row of a validated block (rows in input order); returns the mask of rows
+        to generate. Every other row gets its manifest row here."""
+        keep = []
+        now_recorded = []
+        for row in table.to_pylist():
+            decision = self._decide(row)
+            keep.append(decision is None)
+            if decision is not None:
+                now_recorded.append(decision)
+        if now_recorded:
+            self._add(now_recorded)
+        return pa.array(keep, pa.bool_())
+
+    def _decide(self, row: dict[str, Any]) -> dict[str, Any] | None:
+        if row["status"] == "failed":
+            self.counts["failed"] += 1
+            self.reasons[row["error_reason"]] += 1
+            return {**row, "run": self.run}
+        rid, digest, position = row["id"], row["request_digest"], (row["_file"], row["row"])
+        claimed = self.claims.get(rid)
+        if claimed is not None:
+            first = f"row {claimed[2]} of {self.files[claimed[1]]}"
+            if claimed[0] != digest:
+                self.counts["failed"] += 1
+                self.reasons["duplicate_id"] += 1
+                return {
+                    **row,
+                    "run": self.run,
+                    "status": "failed",
+                    "error": f"duplicate id {rid!r}: {first} has this id and other content",
+                    "error_stage": "validate",
+                    "error_reason": "duplicate_id",
+                }
+            self.counts["duplicate"] += 1
+            dup = {
+                **row,
+                "run": self.run,
+                "status": "duplicate",
+                "output": self._output(row),
+                "error": f"same request as {first}",
+            }
+            self.duplicates.append(dup)
+            return dup
+        self.claims[rid] = (digest, *position)
+        old = self._done_record(row)
+        if old is not None:
+            self.counts["skipped"] += 1
+            return {**row, **{k: v for k, v in old.items() if k in manifest.OUTCOME_COLUMNS}, "status": "ok"}
+        self.counts["generate"] += 1
+        self.shapes[_shape(row)] += 1
+        return None
+
+    def _output(self, row: dict[str, Any]) -> str:
+        return manifest.join(self.output, manifest.VIDEOS_DIR, video_name(row["id"], row["num_frames"]))
+
+    # -- recording rows ---------------------------------------------------------------------------
+
+    def record(self, table: pa.Table) -> None:
+        """Manifest rows of generated rows, as the writer finished them."""
+        rows = table.to_pylist()
+        for row in rows:
+            self.counts["ok" if row["status"] == "ok" else "generate_failed"] += 1
+            if row["status"] != "ok":
+                self.reasons[row["error_reason"] or "unknown"] += 1
+                self.failed_ids[row["id"]] = row["error"] or ""
+            for stage in STAGES:
+                self.busy[stage] += row.get(f"{stage}_s") or 0.0
+        self._add(rows)
+
+    def file_read(self, index: int, rows: int) -> None:
+        """File `index` has been read to its end: it holds `rows` rows."""
+        self.file_rows[index] = rows
+
+    def _add(self, rows: list[dict[str, Any]]) -> None:
+        if self.dry_run:
+            return
+        self._buffer.append(pa.Table.from_pylist(rows, schema=self.schema))
+        self._buffered += len(rows)
+        if self._buffered >= FLUSH_ROWS or time.monotonic() - self._last_flush >= FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered rows as one manifest part."""
+        self._last_flush = time.monotonic()
+        if not self._buffered:
+            return
+        table = pa.concat_tables(self._buffer)
+        manifest.write_part(self.output, table, self.run, self._seq)
+        self._seq += 1
+        self._buffer, self._buffered = [], 0
+
+    # -- reporting --------------------------------------------------------------------------------
+
+    def progress(self) -> dict[str, Any]:
+        """Counts so far; `total` is known once every file has been read. Flushes when due."""
+        if time.monotonic() - self._last_flush >= FLUSH_S:
+            self.flush()
+        c = self.counts
+        finished = c["ok"] + c["generate_failed"] + c["failed"] + c["skipped"] + c["duplicate"]
+        return {
+            "total": sum(self.file_rows.values()) if len(self.file_rows) == len(self.files) else None,
+            "finished": finished,
+            "generated": c["ok"],
+            "failed": c["failed"] + c["generate_failed"],
+            "skipped": c["skipped"],
+            "duplicate": c["duplicate"],
+            "to_generate": c["generate"],
+            "reasons": dict(self.reasons),
+            "shapes": dict(self.shapes),
+            "busy_s": dict(self.busy),
+        }
+
+    def finish(self) -> dict[str, Any]:
+        """Give rows that share another row's output that row's outcome; flush; final counts."""
+        if self.duplicates:
+            fixed = []
+            for dup in self.duplicates:
+                error = self.failed_ids.get(dup["id"])
+                if error is None:
+                    fixed.append({**dup, "status": "ok", "error": None})
+                else:
+                    fixed.append(
+                        {**dup, "status": "failed", "output": None, "error": f"{dup['error']}: {error}"}
+                    )
+                    self.counts["failed"] += 1
+                    self.counts["duplicate"] -= 1
+            self.duplicates = []
+            self._add(fixed)
+        self.flush()
+        return self.progress()
+
+
+def _shape(row: dict[str, Any]) -> str:
+    return f"{row['width']}x{row['height']}, {row['num_frames']} frames, {row['num_inference_steps']} steps"
