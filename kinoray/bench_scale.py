@@ -26,6 +26,9 @@ import pyarrow.parquet as pq
 COLOURS = ["red", "green", "blue", "yellow", "white", "black", "orange", "purple"]
 THINGS = ["fox", "boat", "kite", "car", "tree", "lighthouse", "balloon", "train"]
 PARTS = 8
+SCHEMA = pa.schema(
+    [("id", pa.string()), ("prompt", pa.string()), ("seed", pa.int64()), ("height", pa.int64())]
+)
 CHUNK = 100_000
 
 
@@ -37,7 +40,9 @@ def _chunk(start: int, stop: int) -> pa.Table:
     ]
     # A quarter of the rows ask for another size: the plan's shape histogram has two buckets.
     heights = [32 if i % 4 == 0 else None for i in range(start, stop)]
-    return pa.table({"id": ids, "prompt": prompts, "seed": list(range(start, stop)), "height": heights})
+    return pa.table(
+        {"id": ids, "prompt": prompts, "seed": list(range(start, stop)), "height": heights}, schema=SCHEMA
+    )
 
 
 def write_tables(rows: int, folder: Path) -> tuple[Path, Path]:
@@ -54,7 +59,7 @@ def write_tables(rows: int, folder: Path) -> tuple[Path, Path]:
         per_part = -(-rows // PARTS)
         for k in range(PARTS):
             lo, hi = k * per_part, min(rows, (k + 1) * per_part)
-            with pq.ParquetWriter(parts / f"part-{k:05d}.parquet", _chunk(0, 1).schema) as writer:
+            with pq.ParquetWriter(parts / f"part-{k:05d}.parquet", SCHEMA) as writer:
                 for start in range(lo, hi, CHUNK):
                     writer.write_table(_chunk(start, min(hi, start + CHUNK)))
     return jsonl, parts

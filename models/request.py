@@ -19,7 +19,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar
 
 from pydantic import (
@@ -336,8 +336,11 @@ class RequestError(ValueError):
         return cls("; ".join(messages), fields[0] if fields else None)
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, default=str, ensure_ascii=True)
+
+
 def _canonical(values: Mapping[str, Any]) -> str:
-    return json.dumps(values, sort_keys=True, default=str, ensure_ascii=True)
+    return _CANONICAL.encode(values)
 
 
 @dataclass(frozen=True)
@@ -351,6 +354,7 @@ class RequestBuilder:
     defaults: Mapping[str, Any]
     limits: RequestLimits
     model: str = ""
+    _cache: dict[Any, SamplingParams] = field(default_factory=dict, compare=False, repr=False)
 
     def build(self, raw: Mapping[str, Any]) -> GenerationRequest:
         """Fill, validate and identify one request.
@@ -373,10 +377,10 @@ class RequestBuilder:
             raise RequestError("prompt: field required", "prompt")
         if "id" in values and not isinstance(values["id"], str):
             values["id"] = str(values["id"])
-        sampling = {k: values[k] for k in SAMPLING_FIELDS if k in values}
         top = {k: values[k] for k in TOP_FIELDS if k in values}
         placeholders = {"id": "pending", "seed": 0}
         try:
+            sampling = self._sampling(tuple((k, values.get(k)) for k in SAMPLING_FIELDS))
             req = GenerationRequest.model_validate(
                 {**placeholders, **top, "sampling": sampling}, context={"limits": self.limits}
             )
@@ -384,17 +388,42 @@ class RequestBuilder:
             raise RequestError.from_validation(exc) from None
         # Ids and seeds are derived from the validated content: "64" in a CSV and 64 in a JSONL
         # file are the same request and get the same id and seed.
+        derived: dict[str, Any] = {}
         if "id" not in values:
-            req = req.model_copy(update={"id": self.digest(req, with_seed="seed" in values)[:16]})
+            derived["id"] = self.digest(req, with_seed="seed" in values)[:16]
         if "seed" not in values:
-            seed = int(hashlib.sha256(f"seed:{req.id}".encode()).hexdigest()[:15], 16)
-            req = req.model_copy(update={"seed": seed})
-        return req
+            rid = derived.get("id", req.id)
+            derived["seed"] = int(hashlib.sha256(f"seed:{rid}".encode()).hexdigest()[:15], 16)
+        return req.model_copy(update=derived) if derived else req
+
+    def _sampling(self, values: tuple[tuple[str, Any], ...]) -> SamplingParams:
+        # Rows of a table mostly share their sampling values: each distinct set is validated once.
+        key: tuple[Any, ...] | None = tuple((k, type(v), v) for k, v in values)
+        try:
+            cached = self._cache.get(key)
+        except TypeError:  # an unhashable value (a list, an object): validate it to get its error
+            cached = None
+            key = None
+        if cached is None:
+            cached = SamplingParams.model_validate(
+                {k: v for k, v in values if v is not None}, context={"limits": self.limits}
+            )
+            if key is not None:
+                if len(self._cache) >= 4096:
+                    self._cache.clear()
+                self._cache[key] = cached
+        return cached
 
     def digest(self, req: GenerationRequest, with_seed: bool = True) -> str:
-        """A hex digest of what decides `req`'s output: texts, sampling, seed and the model."""
-        content = {k: v for k, v in req.row().items() if k != "id" and (with_seed or k != "seed")}
-        content["model"] = self.model
+        """A hex digest of what decides `req`'s output: texts, sampling, seed and the model.
+
+        Parameters left at None (a family default) are left out, so adding an optional
+        parameter to the request model does not change the digest of existing requests.
+        """
+        content = {k: v for k, v in req.sampling.__dict__.items() if v is not None}
+        content.update(prompt=req.prompt, negative_prompt=req.negative_prompt, model=self.model)
+        if with_seed:
+            content["seed"] = req.seed
         return hashlib.sha256(_canonical(content).encode("utf-8", "surrogatepass")).hexdigest()
 
 

@@ -30,13 +30,14 @@ from kinoray.models.stages import Decoder, Denoiser, TextEncoder
 from kinoray.pipelines import manifest
 from kinoray.pipelines.progress import JobMetrics
 from kinoray.pipelines.sources import PromptFile, PromptTables, resolve
-from kinoray.pipelines.state import JobState
+from kinoray.pipelines.state import DECISION_COLUMNS, JobState
 from kinoray.pipelines.validate import sampling_order, validate_rows
 from kinoray.pipelines.writer import write_videos
 
 log = logging.getLogger(__name__)
 PROGRESS_POLL_S = 0.5
 READ_CPUS = 0.25
+VALIDATE_CPUS = 0.5
 BLOCK_BYTES = 1 << 20
 
 
@@ -112,9 +113,11 @@ class ClaimRows:
     def __call__(self, block: pa.Table) -> pa.Table:
         import ray
 
-        keep = ray.get(self.state.claim.remote(block))
-        rows = block.filter(keep)
-        return rows.slice(0, 0) if self.dry_run else sampling_order(rows)
+        keep, changes = ray.get(self.state.claim.remote(block.select(list(DECISION_COLUMNS))))
+        if changes:
+            decided = block.take(pa.array(list(changes), pa.int64())).to_pylist()
+            ray.get(self.state.add.remote([{**row, **c} for row, c in zip(decided, changes.values())]))
+        return block.slice(0, 0) if self.dry_run else sampling_order(block.filter(keep))
 
 
 def _pool(stage: StageConfig) -> dict[str, Any]:
@@ -147,19 +150,19 @@ def build_dataset(
     # A FileBasedDatasource of kinoray's own rather than read_json/read_csv/read_parquet: those
     # infer one schema per block (a row of another type fails the whole read) and do not give a
     # row's position in its file, which the manifest records and errors cite.
-    # Reading and validating are light next to the models: a small CPU share each, so that they
-    # are scheduled even where the stage actors hold every CPU of a node.
+    # Reading and validating take a small CPU share each, so that they are scheduled even where
+    # the stage actors hold every CPU of a node. Their shares differ on purpose: Ray Data fuses
+    # operators of equal resources into one task, and validation must run in tasks of its own
+    # to spread one large file's rows over every core while the file is still being read.
     ds = ray.data.read_datasource(
-        PromptTables(files, state.file_read),
-        override_num_blocks=len(files),
-        num_cpus=READ_CPUS,
+        PromptTables(files, state.file_read), override_num_blocks=len(files), num_cpus=READ_CPUS
     )
     ds = ds.map_batches(
         validate_rows,
         fn_kwargs={"builder": builder, "files": [f.url for f in files], "passthrough": passthrough},
         batch_size=None,
         batch_format="pyarrow",
-        num_cpus=READ_CPUS,
+        num_cpus=VALIDATE_CPUS,
     )
     ds = ds.map_batches(
         ClaimRows,
@@ -193,7 +196,9 @@ def build_dataset(
     )
 
 
-def _init_ray(config: KinorayConfig, address: str | None, num_cpus: int | None) -> bool:
+def _init_ray(
+    config: KinorayConfig, address: str | None, num_cpus: int | None, dry_run: bool = False
+) -> bool:
     """Connect to Ray; returns whether this call started a local cluster."""
     import ray
     import ray.data
@@ -204,8 +209,9 @@ def _init_ray(config: KinorayConfig, address: str | None, num_cpus: int | None) 
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, log_to_driver=False)  # an existing cluster (a RayJob sets RAY_ADDRESS)
         return False
-    # A local cluster gets enough logical CPUs for one actor per stage plus readers and writers.
-    stages = (config.encoder, config.denoiser, config.decoder)
+    # A local cluster gets enough logical CPUs for one actor per stage plus readers and writers
+    # (a dry run starts no stage: its validation tasks get the cores).
+    stages = () if dry_run else (config.encoder, config.denoiser, config.decoder)
     need = math.ceil(sum(s.num_cpus * max(1, s.min_replicas) for s in stages) + 1)
     ray.init(
         num_cpus=num_cpus or max(os.cpu_count() or 1, need), include_dashboard=False, log_to_driver=False
@@ -239,7 +245,7 @@ def run_job(
     files = resolve(prompts, passthrough)
     builder = config.request_builder()  # the checkpoint's configs only; no weights
     run = _run_id()
-    started = _init_ray(config, ray_address, num_cpus)
+    started = _init_ray(config, ray_address, num_cpus, dry_run)
     context = ray.data.DataContext.get_current()
     saved = (
         context.enable_progress_bars,

@@ -169,8 +169,10 @@ def _peek_columns(file: PromptFile) -> list[str] | None:
     seen = 0
     for _, raw, _err in _iter_rows(file, limit=PEEK_ROWS):
         seen += 1
-        if raw is not None:
-            names.update(dict.fromkeys(json.loads(raw)))
+        try:
+            names.update(dict.fromkeys(parse_row(raw) if raw is not None else {}))
+        except ValueError:
+            continue  # a bad row is that row's error, not the file's
     return list(names) if seen else None
 
 
@@ -215,15 +217,20 @@ def _is_zstd(f: Any) -> bool:
     return type(f).__module__.startswith("zstandard")
 
 
+# ASCII JSON keeps any text (even a lone surrogate) storable; the request check names it. One
+# encoder for all rows: json.dumps with options builds a new one per call.
+_JSON = json.JSONEncoder(ensure_ascii=True, default=str, allow_nan=True)
+
+
 def _dumps(obj: dict[str, Any]) -> tuple[str | None, str | None]:
-    # ASCII JSON keeps any text (even a lone surrogate) storable; the request check names it.
     try:
-        return json.dumps(obj, ensure_ascii=True, default=str, allow_nan=True), None
+        return _JSON.encode(obj), None
     except (TypeError, ValueError) as exc:
         return None, f"cannot represent the row: {exc}"
 
 
 def _jsonl_rows(f: Any) -> Iterator[tuple[str | None, str | None]]:
+    # Lines pass as text: parsing them is validation's work, spread over the cluster.
     first = True
     for line in f:
         if first:
@@ -232,19 +239,20 @@ def _jsonl_rows(f: Any) -> Iterator[tuple[str | None, str | None]]:
         if not line.strip():
             continue
         try:
-            text = line.decode("utf-8")
+            yield line.decode("utf-8").strip(), None
         except UnicodeDecodeError as exc:
             yield None, f"not valid UTF-8: {exc}"
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            yield None, f"not a JSON object: {exc}"
-            continue
-        if not isinstance(obj, dict):
-            yield None, f"not a JSON object: a JSON {type(obj).__name__}"
-            continue
-        yield _dumps(obj)
+
+
+def parse_row(raw: str) -> dict[str, Any]:
+    """A raw row (JSON text) as an object; raises ValueError saying what it is instead."""
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not a JSON object: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"not a JSON object: a JSON {type(obj).__name__}")
+    return obj
 
 
 def _json_rows(url: str, data: bytes) -> Iterator[tuple[str | None, str | None]]:

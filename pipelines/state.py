@@ -33,6 +33,8 @@ from kinoray.pipelines import manifest
 FLUSH_S = 1.0
 FLUSH_ROWS = 20_000
 STAGES = ("encode", "denoise", "decode", "write")
+SHAPE_COLUMNS = ("width", "height", "num_frames", "num_inference_steps")
+DECISION_COLUMNS = ("id", "request_digest", "status", "error_reason", "_file", "row", *SHAPE_COLUMNS)
 
 
 def video_name(row_id: str, num_frames: int) -> str:
@@ -111,25 +113,40 @@ class JobState:
 
     # -- deciding rows ----------------------------------------------------------------------------
 
-    def claim(self, table: pa.Table) -> pa.Array:
-        """Decide each row of a validated block (rows in input order); returns the mask of rows
-        to generate. Every other row gets its manifest row here."""
+    def claim(self, table: pa.Table) -> tuple[pa.Array, dict[int, dict[str, Any]]]:
+        """Decide each row of a validated block (rows in input order, `DECISION_COLUMNS` at
+        least): (mask of rows to generate, {row index: changes that make the manifest row of
+        a row not generated}). The caller builds those rows and hands them to `add`."""
+        cols = {c: table[c].to_pylist() for c in DECISION_COLUMNS}
         keep = []
-        now_recorded = []
-        for row in table.to_pylist():
-            decision = self._decide(row)
-            keep.append(decision is None)
-            if decision is not None:
-                now_recorded.append(decision)
-        if now_recorded:
-            self._add(now_recorded)
-        return pa.array(keep, pa.bool_())
+        changes: dict[int, dict[str, Any]] = {}
+        for i in range(table.num_rows):
+            change = self._decide({c: v[i] for c, v in cols.items()})
+            keep.append(change is None)
+            if change is not None:
+                changes[i] = change
+        mask = pa.array(keep, pa.bool_())
+        if any(keep):
+            shapes = (
+                table.filter(mask)
+                .group_by(list(SHAPE_COLUMNS), use_threads=False)
+                .aggregate([("id", "count")])
+            )
+            for shape in shapes.to_pylist():
+                self.shapes[_shape(shape)] += shape["id_count"]
+        return mask, changes
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        """Manifest rows of rows that `claim` decided not to generate."""
+        self.duplicates.extend(r for r in rows if r["status"] == "duplicate")
+        self._add(rows)
 
     def _decide(self, row: dict[str, Any]) -> dict[str, Any] | None:
+        """None to generate the row; otherwise the changes that make its manifest row."""
         if row["status"] == "failed":
             self.counts["failed"] += 1
             self.reasons[row["error_reason"]] += 1
-            return {**row, "run": self.run}
+            return {"run": self.run}
         rid, digest, position = row["id"], row["request_digest"], (row["_file"], row["row"])
         claimed = self.claims.get(rid)
         if claimed is not None:
@@ -138,7 +155,6 @@ class JobState:
                 self.counts["failed"] += 1
                 self.reasons["duplicate_id"] += 1
                 return {
-                    **row,
                     "run": self.run,
                     "status": "failed",
                     "error": f"duplicate id {rid!r}: {first} has this id and other content",
@@ -146,22 +162,18 @@ class JobState:
                     "error_reason": "duplicate_id",
                 }
             self.counts["duplicate"] += 1
-            dup = {
-                **row,
+            return {
                 "run": self.run,
                 "status": "duplicate",
                 "output": self._output(row),
                 "error": f"same request as {first}",
             }
-            self.duplicates.append(dup)
-            return dup
         self.claims[rid] = (digest, *position)
         old = self._done_record(row)
         if old is not None:
             self.counts["skipped"] += 1
-            return {**row, **{k: v for k, v in old.items() if k in manifest.OUTCOME_COLUMNS}, "status": "ok"}
+            return {**{k: v for k, v in old.items() if k in manifest.OUTCOME_COLUMNS}, "status": "ok"}
         self.counts["generate"] += 1
-        self.shapes[_shape(row)] += 1
         return None
 
     def _output(self, row: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from kinoray.models.request import ID_PATTERN, SAMPLING_FIELDS, RequestBuilder, RequestError
 from kinoray.pipelines import manifest
+from kinoray.pipelines.sources import parse_row
 
 # The claim step needs each row's file as a number to order rows; it is not written.
 FILE_INDEX = "_file"
@@ -37,7 +38,11 @@ def validate_rows(
         obj: dict[str, Any] = {}
         reason = "unreadable_row"
         if error is None:
-            obj = json.loads(raw)
+            try:
+                obj = parse_row(raw)
+            except ValueError as exc:
+                error = str(exc)
+        if error is None:
             for name in passthrough:
                 if name in obj:
                     value = obj.pop(name)

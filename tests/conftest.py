@@ -5,6 +5,7 @@ A module that needs other `ray.init` arguments (a metrics export port, more CPUs
 processes need; every integration module gets its own session.
 """
 
+import logging
 import os
 
 import pytest
@@ -15,6 +16,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# moto's S3 server logs every request through werkzeug: failures would drown in it.
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
 
 @pytest.fixture(scope="module")

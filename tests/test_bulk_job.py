@@ -293,7 +293,7 @@ def test_dry_run_plans_without_generating(first_run, tmp_path, capsys):
 def test_s3_in_and_out(ray_cluster, s3_endpoint):
     import fsspec
 
-    fs = fsspec.filesystem("s3")
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
     fs.mkdir("kinoray-test")
     with fs.open("kinoray-test/in/part-0.jsonl", "w") as f:
         f.write(json.dumps({"id": "s3-a", "prompt": "from s3", "seed": 1}) + "\n")

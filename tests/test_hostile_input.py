@@ -56,7 +56,7 @@ def plan(path, tmp_path):
         read += len(rows)
         if rows:
             block = validate_rows(_block(index, rows), BUILDER, [f.url for f in files], [])
-            todo += sum(state.claim(block).to_pylist())
+            todo += sum(state.claim(block)[0].to_pylist())
     counts = state.finish()
     # Each row read is generated, failed, or the same request as an earlier row: none is lost.
     assert todo + counts["failed"] + counts["duplicate"] == read == counts["finished"] + todo

@@ -6,7 +6,7 @@ import json
 import pytest
 import tables
 
-from kinoray.pipelines.sources import InputError, PromptFile, _iter_rows, resolve
+from kinoray.pipelines.sources import InputError, PromptFile, _iter_rows, parse_row, resolve
 
 ROWS = [
     {"id": "a", "prompt": "a fox", "seed": 1, "height": 32},
@@ -20,7 +20,12 @@ def read_all(source, allowed=()):
     out = []
     for f in resolve(source, allowed):
         for row, raw, error in _iter_rows(f):
-            out.append((f.url.rsplit("/", 1)[-1], row, json.loads(raw) if raw else error))
+            if raw is not None:
+                try:
+                    error = parse_row(raw)
+                except ValueError as exc:
+                    error = str(exc)
+            out.append((f.url.rsplit("/", 1)[-1], row, error))
     return out
 
 
