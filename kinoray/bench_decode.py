@@ -37,7 +37,9 @@ def measure(preset: str, frames: int, height: int, width: int) -> dict[str, Any]
     decoder = Decoder(spec)
     adapter = decoder.adapter
     latent_frames = (frames - 1) // info.vae_scale_factor_temporal + 1 if frames > 1 else 1
-    shape = adapter.latent_shape(latent_frames, height // info.vae_scale_factor_spatial, width // info.vae_scale_factor_spatial)
+    shape = adapter.latent_shape(
+        latent_frames, height // info.vae_scale_factor_spatial, width // info.vae_scale_factor_spatial
+    )
     rng = np.random.default_rng(0)
     small = rng.standard_normal((1, *shape[:-2], 2, 2), dtype=np.float32)
     adapter.decode(small)  # warm-up: kernels, allocator pools
@@ -71,5 +73,7 @@ def render(results: list[dict[str, Any]]) -> str:
     lines = [f"{'preset':<18}{'frames':>7}{'size':>11}{'channels':>10}{'peak +MB':>10}{'factor':>8}"]
     for r in results:
         size = "x".join(map(str, r["size"]))
-        lines.append(f"{r['preset']:<18}{r['frames']:>7}{size:>11}{r['channels']:>10}{r['peak_growth_mb']:>10}{r['factor']:>8}")
+        lines.append(
+            f"{r['preset']:<18}{r['frames']:>7}{size:>11}{r['channels']:>10}{r['peak_growth_mb']:>10}{r['factor']:>8}"
+        )
     return "\n".join(lines)

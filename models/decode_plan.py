@@ -65,13 +65,19 @@ def peak_bytes(
     output = plan.rows * frames * height * width * 3 * 4  # the decoded frames, float32
     if plan.tile_scale:
         t, h, w = tile
-        volume = min(frames, t or frames) * min(height, int(h * plan.tile_scale)) * min(width, int(w * plan.tile_scale))
+        volume = (
+            min(frames, t or frames)
+            * min(height, int(h * plan.tile_scale))
+            * min(width, int(w * plan.tile_scale))
+        )
     else:
         volume = plan.rows * frames * height * width
     return int(factor * volume * channels * itemsize) + output
 
 
-def order(candidates: list[DecodePlan], estimate: dict[DecodePlan, int], budget: int | None) -> list[DecodePlan]:
+def order(
+    candidates: list[DecodePlan], estimate: dict[DecodePlan, int], budget: int | None
+) -> list[DecodePlan]:
     """Plans to try in turn: from the first whose estimate fits `budget` (None: no budget) on."""
     if budget is None:
         return candidates
