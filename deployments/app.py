@@ -44,7 +44,13 @@ def build(config: KinorayConfig) -> Application:
     decoder = (
         serve.deployment(DecoderDeployment)
         .options(**_options("decoder", config.decoder))
-        .bind(model, config.decoder.batch_size, config.decoder.batch_wait_timeout_s)
+        .bind(
+            model,
+            config.serve.storage,
+            config.decoder.decode_options(),
+            config.decoder.batch_size,
+            config.decoder.batch_wait_timeout_s,
+        )
     )
     return (
         serve.deployment(Ingress)

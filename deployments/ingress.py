@@ -296,7 +296,9 @@ class Ingress:
             self._fail(record.id, "generation_failed", f"{type(exc).__name__}: {exc}")
             return
         if result["error"]:
-            self._fail(record.id, "generation_failed", result["error"])
+            reason = result.get("error_reason") or ""
+            code = reason if reason.islower() and reason.replace("_", "").isalpha() else "generation_failed"
+            self._fail(record.id, code, result["error"])
             return
         self.store.put_video(record.id, result["video"], result["suffix"])
         self.store.update(record.id, status="completed", progress=100, completed_at=int(time.time()))

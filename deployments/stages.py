@@ -13,6 +13,9 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from kinoray.models import telemetry
+from kinoray.models.latents import dump_latents
+from kinoray.models.request import REQUEST_COLUMNS
 from kinoray.models.stages import (
     Batch,
     Decoder,
@@ -21,6 +24,7 @@ from kinoray.models.stages import (
     batch_len,
     batch_to_rows,
     rows_to_batch,
+    scalar,
 )
 from kinoray.models.video import encode_video, video_suffix
 
@@ -91,16 +95,35 @@ class DenoiserDeployment(_BatchedStage):
 
 
 class DecoderDeployment(_BatchedStage):
-    """Decodes, then encodes the MP4 here, so megabytes rather than raw frames travel onwards."""
+    """Decodes, then encodes the MP4 here, so megabytes rather than raw frames travel onwards.
 
-    def __init__(self, model: dict[str, Any], batch_size: int = 4, batch_wait_timeout_s: float = 0.05):
+    A row whose decode ran out of memory with every plan has its latents saved in the job
+    store (deleted with the job), and its error says so."""
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        storage: str,
+        decode_options: dict[str, Any],
+        batch_size: int = 4,
+        batch_wait_timeout_s: float = 0.05,
+    ):
+        from kinoray.deployments.store import JobStore
+
         super().__init__(batch_size, batch_wait_timeout_s)
-        self.stage = Decoder(model, max_batch_size=batch_size)
+        self.stage = Decoder(model, **decode_options)
+        self.store = JobStore(storage)
 
     def process(self, batch: Batch) -> Batch:
         out = self.stage(batch)
         files, suffixes = [], []
+        errors = list(out["error"])
         for i in range(batch_len(out)):
+            if out["error_reason"][i] == "out_of_memory" and "latents" in out:
+                row = {c: scalar(out[c][i]) for c in REQUEST_COLUMNS}
+                self.store.put_latents(row["id"], dump_latents(np.asarray(out["latents"][i]), row, ""))
+                errors[i] = f"{errors[i]} in the job store, until the video is deleted"
+                telemetry.inc("kinoray_latents_saved_total", frontend="online")
             if out["error"][i]:
                 files.append(b"")
                 suffixes.append("")
@@ -108,6 +131,8 @@ class DecoderDeployment(_BatchedStage):
             files.append(encode_video(out["frames"][i], int(out["fps"][i])))
             suffixes.append(video_suffix(int(out["num_frames"][i])))
         del out["frames"]
+        out.pop("latents", None)
+        out["error"] = np.array(errors, dtype=object)
         out["video"] = np.array(files, dtype=object)
         out["suffix"] = np.array(suffixes, dtype=object)
         return out

@@ -60,7 +60,7 @@ class JobStore:
     def __init__(self, url: str):
         self.url = url.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        for sub in ("jobs", "videos", "progress", "images"):
+        for sub in ("jobs", "videos", "progress", "images", "latents"):
             self.fs.makedirs(f"{self.root}/{sub}", exist_ok=True)
 
     @staticmethod
@@ -114,6 +114,7 @@ class JobStore:
             ("videos", ".mp4"),
             ("videos", ".png"),
             ("progress", ".json"),
+            ("latents", ".safetensors"),
         ):
             path = self._path(kind, job_id, suffix)
             if self.fs.exists(path):
@@ -131,6 +132,13 @@ class JobStore:
                 with self.fs.open(path, "rb") as f:
                     return f.read(), media
         return None
+
+    def put_latents(self, job_id: str, data: bytes) -> None:
+        """A job's denoised latents that could not be decoded (see kinoray.models.latents)."""
+        self._write(self._path("latents", job_id, ".safetensors"), data)
+
+    def has_latents(self, job_id: str) -> bool:
+        return bool(self.fs.exists(self._path("latents", job_id, ".safetensors")))
 
     def put_image(self, image_id: str, data: bytes) -> None:
         self._write(self._path("images", image_id, ".png"), data)

@@ -6,7 +6,7 @@ Every section rejects keys it does not know, so a typo fails at load time with i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -51,6 +51,38 @@ class StageConfig(BaseModel):
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
         return self
+
+
+class DecoderConfig(StageConfig):
+    """The decode stage: a stage, plus how it keeps the VAE decode within memory."""
+
+    memory_budget_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description="memory a decode may use (default: the device's free memory on CUDA, unbounded on CPU)",
+    )
+    plan: Literal["auto", "whole", "split", "tiled"] = Field(
+        default="auto",
+        description="auto: the fastest plan whose estimated peak fits, then cheaper ones on out-of-memory",
+    )
+    tile_size: int | None = Field(
+        default=None, ge=16, description="tile size in pixels for tiled plans (default: the VAE's own)"
+    )
+    testing_oom: str | None = Field(
+        default=None,
+        description="for tests only: fail VAE calls with out-of-memory errors: every=N, ids=a,b "
+        "or prompt=text, joined with ';' (as $KINORAY_TESTING_DECODE_OOM does)",
+    )
+
+    def decode_options(self) -> dict[str, Any]:
+        """The Decoder stage's keyword arguments."""
+        return {
+            "max_batch_size": self.batch_size,
+            "memory_budget_gb": self.memory_budget_gb,
+            "plan": self.plan,
+            "tile_size": self.tile_size,
+            "testing_oom": self.testing_oom,
+        }
 
 
 class BatchConfig(BaseModel):
@@ -102,7 +134,7 @@ class KinorayConfig(BaseModel):
     )
     encoder: StageConfig = Field(default_factory=StageConfig)
     denoiser: StageConfig = Field(default_factory=StageConfig)
-    decoder: StageConfig = Field(default_factory=StageConfig)
+    decoder: DecoderConfig = Field(default_factory=DecoderConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 

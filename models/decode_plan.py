@@ -23,7 +23,8 @@ from typing import Literal
 
 PlanName = Literal["whole", "split", "tiled", "tiled_small"]
 # The setting that makes decoding fail on purpose, for testing what happens after: `every=N` (every
-# N-th VAE call, counted per decoder process), `ids=a,b` (every call for those rows).
+# N-th VAE call, counted per decoder process), `ids=a,b` (every call for those rows), `prompt=text`
+# (every call for rows whose prompt contains the text); several are joined with `;`.
 FAULT_ENV = "KINORAY_TESTING_DECODE_OOM"
 
 
@@ -92,6 +93,7 @@ class FaultInjection:
         setting = os.environ.get(FAULT_ENV, "") if setting is None else setting
         self.every = 0
         self.ids: frozenset[str] = frozenset()
+        self.prompt = ""
         self.calls = 0
         for part in filter(None, (p.strip() for p in setting.split(";"))):
             key, _, value = part.partition("=")
@@ -99,14 +101,18 @@ class FaultInjection:
                 self.every = int(value)
             elif key == "ids":
                 self.ids = frozenset(v for v in value.split(",") if v)
+            elif key == "prompt":
+                self.prompt = value
             else:
-                raise ValueError(f"{FAULT_ENV}: unknown setting {key!r}; use every=N or ids=a,b")
+                raise ValueError(f"{FAULT_ENV}: unknown setting {key!r}; use every=N, ids=a,b or prompt=text")
 
-    def check(self, ids: list[str]) -> None:
-        """Raise MemoryError if this VAE call (for rows `ids`) is one to fail."""
+    def check(self, ids: list[str], prompts: list[str] | None = None) -> None:
+        """Raise MemoryError if this VAE call (for rows `ids` with `prompts`) is one to fail."""
         self.calls += 1
         if self.every and self.calls % self.every == 0:
             raise MemoryError(f"out of memory injected by {FAULT_ENV} (call {self.calls})")
         hit = self.ids.intersection(ids)
+        if self.prompt and any(self.prompt in p for p in prompts or ()):
+            hit = hit | {f"prompt {self.prompt!r}"}
         if hit:
             raise MemoryError(f"out of memory injected by {FAULT_ENV} for {', '.join(sorted(hit))}")

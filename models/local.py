@@ -22,7 +22,7 @@ class LocalPipeline:
         spec = self.config.model
         self.encoder = TextEncoder(spec)
         self.denoiser = Denoiser(spec, max_batch_size=self.config.denoiser.batch_size)
-        self.decoder = Decoder(spec, max_batch_size=self.config.decoder.batch_size)
+        self.decoder = Decoder(spec, **self.config.decoder.decode_options())
 
     def request(self, **fields: Any) -> GenerationRequest:
         """A validated request from flat fields; raises `RequestError` naming a bad field."""

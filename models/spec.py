@@ -46,8 +46,6 @@ class ModelSpec(BaseModel):
     dtype: DType = Field(default="auto", description="auto: bfloat16 on CUDA, float32 on CPU")
     device: str = Field(default="auto", description="auto: cuda when available, else cpu")
     max_sequence_length: int | None = Field(default=None, ge=1, description="text tokens; family default")
-    vae_tiling: bool = Field(default=False, description="decode in tiles: lower peak memory for large clips")
-    vae_slicing: bool = Field(default=False, description="decode a batch one sample at a time")
     cpu_offload: bool = Field(default=False, description="keep weights on the CPU until a model runs (CUDA)")
     compile: bool = Field(default=False, description="torch.compile the denoiser's transformer(s)")
     cache: Literal["none", "first_block", "faster"] = Field(

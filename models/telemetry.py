@@ -29,6 +29,25 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
     "kinoray_in_flight": ("gauge", "Rows being computed by a stage replica", ("stage",), None),
     "kinoray_denoise_steps_total": ("counter", "Denoising steps done, summed over rows", (), None),
     "kinoray_jobs_in_flight": ("gauge", "Online video jobs accepted and not finished", (), None),
+    "kinoray_decode_plans_total": (
+        "counter",
+        "VAE decode calls by plan (whole, split, tiled, tiled_small)",
+        ("plan",),
+        None,
+    ),
+    "kinoray_decode_oom_retries_total": (
+        "counter",
+        "VAE decode calls that ran out of memory (retried with a leaner plan while one is left)",
+        (),
+        None,
+    ),
+    "kinoray_latents_saved_total": (
+        "counter",
+        "Rows whose latents were saved because no decode plan fit in memory",
+        ("frontend",),
+        None,
+    ),
+    "kinoray_latents_resumed_total": ("counter", "Rows decoded from latents an earlier run saved", (), None),
 }
 
 _lock = threading.Lock()

@@ -26,13 +26,13 @@ import pyarrow as pa
 
 from kinoray.models.config import KinorayConfig, StageConfig
 from kinoray.models.request import RequestBuilder
-from kinoray.models.stages import Decoder, Denoiser, TextEncoder
+from kinoray.models.stages import RESUME_COLUMN, Decoder, Denoiser, TextEncoder
 from kinoray.pipelines import manifest
 from kinoray.pipelines.progress import JobMetrics
 from kinoray.pipelines.sources import PromptFile, PromptTables, resolve
 from kinoray.pipelines.state import DECISION_COLUMNS, JobState
 from kinoray.pipelines.validate import sampling_order, validate_rows
-from kinoray.pipelines.writer import write_videos
+from kinoray.pipelines.writer import LATENTS_PATH, load_saved_latents, write_videos
 
 log = logging.getLogger(__name__)
 PROGRESS_POLL_S = 0.5
@@ -64,6 +64,8 @@ class JobSummary:
     skipped: int = 0
     duplicate: int = 0
     to_generate: int = 0
+    resumed: int = 0
+    denoised: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     shapes: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
@@ -89,9 +91,17 @@ class JobSummary:
             ]
             return "\n".join(lines)
         busy = ", ".join(f"{k} {v:.1f}s" for k, v in self.busy_s.items())
+        latents = ""
+        if self.resumed:
+            latents += f"decoded from saved latents: {self.resumed}\n"
+        if self.denoised:
+            latents += (
+                f"latents saved (decode out of memory; the same command decodes them): {self.denoised}\n"
+            )
         return (
             f"rows: {self.ok} ok, {self.failed} failed{why}, {self.skipped} skipped as done, "
             f"{self.duplicate} same as another row (of {self.total})\n"
+            f"{latents}"
             f"wall time: {self.wall_s:.1f}s, {self.videos_per_minute:.1f} videos/min\n"
             f"stage busy time: {busy}\n"
             f"manifest: {manifest.join(self.output, manifest.MANIFEST_DIR)}"
@@ -113,11 +123,19 @@ class ClaimRows:
     def __call__(self, block: pa.Table) -> pa.Table:
         import ray
 
-        keep, changes = ray.get(self.state.claim.remote(block.select(list(DECISION_COLUMNS))))
+        keep, changes, resume = ray.get(self.state.claim.remote(block.select(list(DECISION_COLUMNS))))
         if changes:
             decided = block.take(pa.array(list(changes), pa.int64())).to_pylist()
             ray.get(self.state.add.remote([{**row, **c} for row, c in zip(decided, changes.values())]))
-        return block.slice(0, 0) if self.dry_run else sampling_order(block.filter(keep))
+        if self.dry_run:
+            return block.slice(0, 0)
+        # Rows whose latents an earlier run saved start at the decode stage, from that file.
+        paths = [resume.get(i) for i in range(block.num_rows)]
+        block = block.append_column(
+            RESUME_COLUMN, pa.array(["decode" if p else None for p in paths], pa.string())
+        )
+        block = block.append_column(LATENTS_PATH, pa.array(paths, pa.string()))
+        return sampling_order(block.filter(keep))
 
 
 def _pool(stage: StageConfig) -> dict[str, Any]:
@@ -142,8 +160,12 @@ def build_dataset(
     run: str,
     state: Any,
     dry_run: bool = False,
+    resume_latents: bool = False,
 ) -> Any:
-    """The job's Ray Data pipeline (lazy); its output is each finished row's status."""
+    """The job's Ray Data pipeline (lazy); its output is each finished row's status.
+
+    With `resume_latents`, a step before the decoder loads the latents that rows marked by the
+    claim step resume from."""
     import ray.data
 
     passthrough = list(config.batch.passthrough_columns)
@@ -181,9 +203,11 @@ def build_dataset(
         fn_constructor_kwargs={"model": spec, "max_batch_size": config.denoiser.batch_size},
         **_pool(config.denoiser),
     )
+    if resume_latents:
+        ds = ds.map_batches(load_saved_latents, batch_format="numpy", batch_size=None, num_cpus=READ_CPUS)
     ds = ds.map_batches(
         Decoder,
-        fn_constructor_kwargs={"model": spec, "max_batch_size": config.decoder.batch_size},
+        fn_constructor_kwargs={"model": spec, **config.decoder.decode_options()},
         **_pool(config.decoder),
     )
     return ds.map_batches(
@@ -265,9 +289,9 @@ def run_job(
     interrupted: JobInterrupted | None = None
     try:
         last_poll = 0.0
-        for batch in build_dataset(files, builder, config, output, run, state, dry_run).iter_batches(
-            batch_size=None, batch_format="pyarrow"
-        ):
+        resume_latents = ray.get(state.has_saved_latents.remote())
+        dataset = build_dataset(files, builder, config, output, run, state, dry_run, resume_latents)
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             if on_rows is not None and batch.num_rows:
                 on_rows(batch.num_rows)
             if time.monotonic() - last_poll >= PROGRESS_POLL_S:
@@ -302,6 +326,8 @@ def run_job(
         skipped=counts["skipped"],
         duplicate=counts["duplicate"],
         to_generate=counts["to_generate"],
+        resumed=counts["resumed"],
+        denoised=counts["denoised"],
         reasons=counts["reasons"],
         shapes=counts["shapes"],
         wall_s=time.perf_counter() - start,

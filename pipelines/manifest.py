@@ -7,8 +7,10 @@ the driver); where a position was written twice, the later part wins. A run that
 compacts the parts into one holding exactly its own rows.
 
 Statuses: `ok` (the video at `output` is this request's), `failed` (`error`, `error_stage`,
-`error_reason` say why), `duplicate` (while a run is going: the same request as another row,
-which makes the one output; it takes that row's outcome when the run completes).
+`error_reason` say why), `denoised` (the decode ran out of memory with every plan: `output` is
+the saved latents, which a rerun decodes without denoising again), `duplicate` (while a run is
+going: the same request as another row, which makes the one output; it takes that row's outcome
+when the run completes).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from kinoray.models.request import field_type, request_fields
 
 MANIFEST_DIR = "manifest"
 VIDEOS_DIR = "videos"
+LATENTS_DIR = "latents"
 
 _ARROW = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}
 # The request's own fields, typed as the request model types them.

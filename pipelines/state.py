@@ -96,6 +96,25 @@ class JobState:
         for rid in conflicted:
             self.done.pop(rid, None)
         self.done_rows = ok.select([n for n in self.schema.names if n in ok.column_names])
+        # Rows denoised by an earlier run whose decode failed: their latents, still there.
+        lfs, lroot = fsspec.core.url_to_fs(manifest.join(self.output, manifest.LATENTS_DIR))
+        saved = {p.rsplit("/", 1)[-1] for p in lfs.ls(lroot, detail=False)} if lfs.exists(lroot) else set()
+        denoised = (
+            previous.filter(pc.equal(previous["status"], "denoised")) if previous.num_rows else previous
+        )
+        self.saved_latents: dict[str, tuple[str, str]] = {
+            rid: (digest, output)
+            for rid, digest, output in zip(
+                denoised["id"].to_pylist(),
+                denoised["request_digest"].to_pylist(),
+                denoised["output"].to_pylist(),
+            )
+            if output and output.rsplit("/", 1)[-1] in saved
+        }
+
+    def has_saved_latents(self) -> bool:
+        """Whether some rows can be decoded from latents an earlier run saved."""
+        return bool(self.saved_latents)
 
     def _done_record(self, row: dict[str, Any]) -> dict[str, Any] | None:
         """The manifest row an earlier run wrote for this request, if its video is still there."""
@@ -113,15 +132,20 @@ class JobState:
 
     # -- deciding rows ----------------------------------------------------------------------------
 
-    def claim(self, table: pa.Table) -> tuple[pa.Array, dict[int, dict[str, Any]]]:
+    def claim(self, table: pa.Table) -> tuple[pa.Array, dict[int, dict[str, Any]], dict[int, str]]:
         """Decide each row of a validated block (rows in input order, `DECISION_COLUMNS` at
         least): (mask of rows to generate, {row index: changes that make the manifest row of
-        a row not generated}). The caller builds those rows and hands them to `add`."""
+        a row not generated}, {row index: saved latents to decode instead of denoising}). The
+        caller builds the rows not generated and hands them to `add`."""
         cols = {c: table[c].to_pylist() for c in DECISION_COLUMNS}
         keep = []
         changes: dict[int, dict[str, Any]] = {}
+        resume: dict[int, str] = {}
         for i in range(table.num_rows):
             change = self._decide({c: v[i] for c, v in cols.items()})
+            if isinstance(change, str):
+                resume[i] = change
+                change = None
             keep.append(change is None)
             if change is not None:
                 changes[i] = change
@@ -134,15 +158,16 @@ class JobState:
             )
             for shape in shapes.to_pylist():
                 self.shapes[_shape(shape)] += shape["id_count"]
-        return mask, changes
+        return mask, changes, resume
 
     def add(self, rows: list[dict[str, Any]]) -> None:
         """Manifest rows of rows that `claim` decided not to generate."""
         self.duplicates.extend(r for r in rows if r["status"] == "duplicate")
         self._add(rows)
 
-    def _decide(self, row: dict[str, Any]) -> dict[str, Any] | None:
-        """None to generate the row; otherwise the changes that make its manifest row."""
+    def _decide(self, row: dict[str, Any]) -> dict[str, Any] | str | None:
+        """None to generate the row; the URL of its saved latents to decode them; otherwise the
+        changes that make its manifest row."""
         if row["status"] == "failed":
             self.counts["failed"] += 1
             self.reasons[row["error_reason"]] += 1
@@ -174,6 +199,10 @@ class JobState:
             self.counts["skipped"] += 1
             return {**{k: v for k, v in old.items() if k in manifest.OUTCOME_COLUMNS}, "status": "ok"}
         self.counts["generate"] += 1
+        saved = self.saved_latents.get(rid)
+        if saved is not None and saved[0] == digest:
+            self.counts["resumed"] += 1
+            return saved[1]
         return None
 
     def _output(self, row: dict[str, Any]) -> str:
@@ -185,9 +214,12 @@ class JobState:
         """Manifest rows of generated rows, as the writer finished them."""
         rows = table.to_pylist()
         for row in rows:
-            self.counts["ok" if row["status"] == "ok" else "generate_failed"] += 1
-            if row["status"] != "ok":
+            # A denoised row is not lost: its latents are saved for the next run to decode.
+            status = row["status"] if row["status"] in ("ok", "denoised") else "generate_failed"
+            self.counts[status] += 1
+            if status == "generate_failed":
                 self.reasons[row["error_reason"] or "unknown"] += 1
+            if status != "ok":
                 self.failed_ids[row["id"]] = row["error"] or ""
             for stage in STAGES:
                 self.busy[stage] += row.get(f"{stage}_s") or 0.0
@@ -222,7 +254,9 @@ class JobState:
         if time.monotonic() - self._last_flush >= FLUSH_S:
             self.flush()
         c = self.counts
-        finished = c["ok"] + c["generate_failed"] + c["failed"] + c["skipped"] + c["duplicate"]
+        finished = (
+            c["ok"] + c["denoised"] + c["generate_failed"] + c["failed"] + c["skipped"] + c["duplicate"]
+        )
         return {
             "total": sum(self.file_rows.values()) if len(self.file_rows) == len(self.files) else None,
             "finished": finished,
@@ -231,6 +265,8 @@ class JobState:
             "skipped": c["skipped"],
             "duplicate": c["duplicate"],
             "to_generate": c["generate"],
+            "resumed": c["resumed"],
+            "denoised": c["denoised"],
             "reasons": dict(self.reasons),
             "shapes": dict(self.shapes),
             "busy_s": dict(self.busy),

@@ -11,7 +11,10 @@ import numpy as np
 import pyarrow as pa
 
 from kinoray.models import telemetry
-from kinoray.models.stages import Batch, Stage, scalar
+from kinoray.models.latents import SUFFIX as LATENTS_SUFFIX
+from kinoray.models.latents import dump_latents, load_latents
+from kinoray.models.request import REQUEST_COLUMNS
+from kinoray.models.stages import Batch, Stage, column, scalar
 from kinoray.models.video import encode_video
 from kinoray.pipelines import manifest
 from kinoray.pipelines.state import video_name
@@ -61,14 +64,56 @@ class VideoWriter(Stage):
         return {"output": [manifest.join(self.output, manifest.VIDEOS_DIR, name)]}
 
 
+# Where a row resumed from saved latents came from: deleted once its video is written.
+LATENTS_PATH = "latents_path"
+
+
+def load_saved_latents(batch: Batch) -> Batch:
+    """Put the saved latents of rows resuming at the decode stage into their `latents`."""
+    paths = batch.get(LATENTS_PATH)
+    if paths is None or not any(isinstance(p, str) and p for p in paths):
+        return batch
+    values = list(batch["latents"])
+    for i, path in enumerate(paths):
+        if isinstance(path, str) and path:
+            with fsspec.open(path, "rb") as f:
+                values[i] = load_latents(f.read())[0]
+            telemetry.inc("kinoray_latents_resumed_total")
+    return {**batch, "latents": column(values)}
+
+
+def _save_latents(output: str, batch: Batch, i: int) -> str:
+    """Write row `i`'s latents under `<output>/latents/`; returns the file's URL."""
+    row = {c: _plain(batch[c][i], False) for c in REQUEST_COLUMNS}
+    data = dump_latents(np.asarray(batch["latents"][i]), row, str(batch["request_digest"][i]))
+    path = manifest.join(output, manifest.LATENTS_DIR, f"{row['id']}{LATENTS_SUFFIX}")
+    fs, root = fsspec.core.url_to_fs(path)
+    fs.makedirs(root.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(root, "wb") as f:
+        f.write(data)
+    telemetry.inc("kinoray_latents_saved_total", frontend="bulk")
+    return path
+
+
 def write_videos(batch: Batch, output: str, run: str, state: Any, passthrough: Sequence[str]) -> Batch:
     """Write each row's video and report its manifest row to the job's state; returns each
-    row's status (frames and everything else stay here)."""
+    row's status (frames and everything else stay here). A row whose decode ran out of memory
+    keeps its latents, saved under `<output>/latents/` (status `denoised`); a row decoded from
+    saved latents has them deleted once its video is written."""
     import ray
 
     out = VideoWriter(output)(batch)
     n = len(out["id"])
     status = ["failed" if e else "ok" for e in out["error"]]
+    outputs = list(out["output"])
+    kept = out.get("latents")
+    for i in range(n):
+        if out["error_reason"][i] == "out_of_memory" and kept is not None and np.asarray(kept[i]).size:
+            outputs[i], status[i] = _save_latents(output, out, i), "denoised"
+        elif status[i] == "ok" and isinstance(out.get(LATENTS_PATH, [None] * n)[i], str):
+            fs, path = fsspec.core.url_to_fs(out[LATENTS_PATH][i])
+            fs.rm(path)
+    out["output"] = column(outputs)
     schema = manifest.schema(passthrough)
     columns: dict[str, list[Any]] = {}
     for field in schema:

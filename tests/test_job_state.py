@@ -34,7 +34,7 @@ def raw_block(rows, file=0):
 def claim(state, rows, file=0):
     """What ClaimRows does: decide, record the rows not generated, return the rows to generate."""
     block = validate_rows(raw_block(rows, file), BUILDER, state.files, [])
-    keep, changes = state.claim(block)
+    keep, changes, _resume = state.claim(block)
     decided = block.take(pa.array(list(changes), pa.int64())).to_pylist()
     state.add([{**row, **c} for row, c in zip(decided, changes.values())])
     return block.filter(keep).to_pylist()

@@ -209,6 +209,7 @@ def test_dashboard_queries_name_only_exported_metrics():
         "reason",
         "count",
         "clamp_min",
+        "plan",
     }
     for expr in exprs:
         names = {

@@ -276,7 +276,7 @@ def test_full_queue_is_429_with_retry_after_and_accepted_jobs_finish(server):
 def test_a_job_past_its_deadline_ends_failed_with_a_reason(server):
     small = openai.OpenAI(base_url=f"{server}/small/v1", api_key="none", max_retries=0)
     v = small.videos.create(
-        prompt="too slow", size="128x128", extra_body={"num_frames": 33, "num_inference_steps": 120}
+        prompt="too slow", size="128x128", extra_body={"num_frames": 33, "num_inference_steps": 200}
     )
     done, _ = wait(small, v.id, timeout=60)
     assert done.status == "failed"

@@ -32,11 +32,29 @@ class FakeAdapter:
             raise MemoryError("out of memory")
         return np.array([np.full((2, 1, 2, 2), s, np.float32) for s in seeds])
 
-    def decode(self, latents):
-        self.calls.append(("decode", len(latents)))
+    def decode(self, latents, tile_scale=0.0, tile_size=None):
+        self.calls.append(("decode", len(latents), tile_scale))
         if (latents == self.bad_value).any():
             raise RuntimeError("vae broke")
+        if len(latents) > self.max_decode_rows or (latents == self.oom_value).any() and not tile_scale:
+            raise MemoryError("out of memory")
         return np.zeros((len(latents), 1, 4, 4, 3), np.uint8) + latents[:, :1, :1, :1, :1].astype(np.uint8)
+
+    max_decode_rows = 99
+    oom_value = None
+
+    def decode_peak_bytes(self, plan, latent_shape, tile_size=None):
+        return plan.rows * 1000 if not plan.tile_scale else 100
+
+    @staticmethod
+    def is_out_of_memory(exc):
+        return isinstance(exc, MemoryError)
+
+    def free_memory(self):
+        pass
+
+    def available_bytes(self):
+        return None
 
 
 def request(i, height=16):
@@ -59,8 +77,8 @@ def test_all_rows_flow_through_and_per_stage_seconds_are_recorded():
     assert [int(f[0, 0, 0, 0]) for f in out["frames"]] == [0, 1, 2, 3]
     for stage in ("encode", "denoise", "decode"):
         assert (out[f"{stage}_s"] >= 0).all()
-    # Large intermediate columns are dropped once used.
-    assert "prompt_embeds" not in out and "latents" not in out
+    # Large intermediate columns are dropped once used (latents stay, empty, for failed rows).
+    assert "prompt_embeds" not in out and all(x.size == 0 for x in out["latents"])
 
 
 def test_rows_are_grouped_by_sampling_and_chunked():
@@ -130,3 +148,69 @@ def test_the_skeleton_runs_without_torch():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
+
+
+def test_decode_retries_leaner_plans_on_out_of_memory_and_keeps_latents_when_all_fail():
+    adapter = FakeAdapter()
+    adapter.max_decode_rows = 1  # any batch of two or more runs out of memory
+    adapter.oom_value = 2  # row 2's latents run out of memory unless tiled
+    out = run_all(adapter, [request(i) for i in range(4)], batch_size=4)
+    assert list(out["error"]) == ["", "", "", ""]
+    decodes = [c for c in adapter.calls if c[0] == "decode"]
+    # whole (4) and split (2, 2) run out of memory; split(1) decodes rows 0, 1, 3; row 2 needs a tile.
+    assert decodes[0][1] == 4 and decodes[-1] == ("decode", 1, 1.0)
+    assert all(x.size == 0 for x in out["latents"])
+
+    adapter = FakeAdapter()
+    adapter.max_decode_rows = 0  # nothing fits: every plan fails
+    out = run_all(adapter, [request(i) for i in range(2)], batch_size=2)
+    assert list(out["error_reason"]) == ["out_of_memory", "out_of_memory"]
+    assert "latents are kept" in out["error"][0]
+    assert [float(x[0, 0, 0, 0]) for x in out["latents"]] == [0.0, 1.0]  # kept for saving
+
+
+def test_a_budget_starts_from_the_first_plan_that_fits():
+    adapter = FakeAdapter()
+    decoder = Decoder(adapter=adapter, memory_budget_gb=2500 / 2**30)  # 2500 bytes: fits 2 rows
+    batch = Denoiser(adapter=adapter)(
+        TextEncoder(adapter=adapter)(requests_to_batch([request(i) for i in range(4)]))
+    )
+    decoder(batch)
+    assert [c[1] for c in adapter.calls if c[0] == "decode"] == [2, 2]
+    assert decoder.plans_used == ["split", "split"]
+
+
+def test_the_fault_setting_fails_chosen_calls(monkeypatch):
+    monkeypatch.setenv("KINORAY_TESTING_DECODE_OOM", "every=2")
+    adapter = FakeAdapter()
+    decoder = Decoder(adapter=adapter, max_batch_size=1)
+    batch = Denoiser(adapter=adapter)(
+        TextEncoder(adapter=adapter)(requests_to_batch([request(i) for i in range(3)]))
+    )
+    out = decoder(batch)
+    assert list(out["error"]) == ["", "", ""]
+    # Calls 2 and 4 fail once each and are retried with the next plan: 5 calls for 3 rows.
+    assert decoder.faults.calls == 5 and decoder.plans_used == ["whole", "tiled", "tiled"]
+    monkeypatch.setenv("KINORAY_TESTING_DECODE_OOM", "ids=r1")
+    out = Decoder(adapter=adapter)(
+        Denoiser(adapter=adapter)(
+            TextEncoder(adapter=adapter)(requests_to_batch([request(i) for i in range(3)]))
+        )
+    )
+    assert list(out["error_reason"]) == ["", "out_of_memory", ""]
+
+
+def test_a_batch_in_which_every_row_failed_joins_the_good_batches_in_ray_data():
+    from ray.data._internal.arrow_ops.transform_pyarrow import concat
+    from ray.data.block import BlockAccessor
+
+    adapter = FakeAdapter(bad_value=0)
+    enc, den, dec = TextEncoder(adapter=adapter), Denoiser(adapter=adapter), Decoder(adapter=adapter)
+    # This decoder's first batch fails every row: it has never seen a good row's frames.
+    failed = dec(den(enc(requests_to_batch([request(0)]))))
+    good = dec(den(enc(requests_to_batch([request(1), request(2)]))))
+    assert failed["error_stage"][0] == "decode" and failed["frames"][0].dtype == np.uint8
+    blocks = [BlockAccessor.batch_to_block(b) for b in (failed, good)]
+    joined = BlockAccessor.for_block(concat(blocks)).to_numpy()
+    assert [f.size > 0 for f in joined["frames"]] == [False, True, True]
+    assert [x.size > 0 for x in joined["latents"]] == [True, False, False]  # kept to be saved

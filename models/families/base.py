@@ -23,6 +23,8 @@ from kinoray.models.tiny import DEFAULTS_FILE
 if TYPE_CHECKING:
     import torch
 
+    from kinoray.models.decode_plan import DecodePlan
+
 StageName = Literal["encode", "denoise", "decode"]
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
 
@@ -61,6 +63,11 @@ class FamilyAdapter:
     default_max_sequence_length: ClassVar[int]
     # The family's request defaults (its model card's settings); a checkpoint may override them.
     defaults: ClassVar[dict[str, Any]]
+    # The VAE decode's memory (see kinoray.models.decode_plan): frames its decoder holds at once
+    # (None: the whole clip; causal VAEs decode a latent frame or two at a time) and the factor
+    # measured on the tiny preset by `kinoray bench --decode-memory`.
+    decode_chunk_frames: ClassVar[int | None] = None
+    decode_memory_factor: ClassVar[float] = 8.0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -198,11 +205,6 @@ class FamilyAdapter:
         pipe.set_progress_bar_config(disable=True)
         if stage != "decode":
             self._set_vae_factors(pipe)
-        if stage == "decode":
-            if self.spec.vae_tiling:
-                pipe.vae.enable_tiling()
-            if self.spec.vae_slicing:
-                pipe.vae.enable_slicing()
         if stage == "denoise":
             self._speedups(pipe)
         return pipe
@@ -307,11 +309,19 @@ class FamilyAdapter:
         """The pipeline's latent output -> what its VAE decode path starts from."""
         return latents
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Latents of one shape -> uint8 frames (N, T, H, W, 3); T is 1 for image models."""
+    def decode(
+        self, latents: np.ndarray, tile_scale: float = 0.0, tile_size: int | None = None
+    ) -> np.ndarray:
+        """Latents of one shape -> uint8 frames (N, T, H, W, 3); T is 1 for image models.
+
+        `tile_scale` 0 decodes whole frames; otherwise diffusers' tiled decoding with tiles of
+        `tile_scale` times `tile_size` pixels (default: the VAE's own tile size), blended at the
+        seams. Raises the device's out-of-memory error (see `is_out_of_memory`).
+        """
         import torch
 
         vae = self.pipe.vae
+        self._set_tiling(tile_scale, tile_size)
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(latents)).to(self.pipe._execution_device, vae.dtype)
             decoded = self._vae_decode(x)
@@ -321,6 +331,119 @@ class FamilyAdapter:
                 frames = self.pipe.video_processor.postprocess_video(decoded, output_type="np")
         return to_uint8(frames)
 
+    def _set_tiling(self, scale: float, tile_size: int | None) -> None:
+        vae = self.pipe.vae
+        if not scale:
+            vae.use_tiling = False
+            return
+        # The VAE's own tile sizes (pixels), remembered before any change; every VAE class names
+        # them tile_sample_min_* (and stride_*), with tile_latent_min_* derived from them.
+        if not hasattr(self, "_tile_defaults"):
+            self._tile_defaults = {
+                k: v
+                for k, v in vars(vae).items()
+                if k.startswith(("tile_sample_min_", "tile_sample_stride_"))
+                and not k.endswith("num_frames")
+                and isinstance(v, int)
+            }
+        unit = self.spec.info.vae_scale_factor_spatial
+        for name, value in self._tile_defaults.items():
+            if tile_size is not None:  # a configured tile size; strides overlap a quarter of it
+                value = tile_size * 3 // 4 if "stride" in name else tile_size
+            latent = max(2, round(value * scale / unit))
+            overlap = getattr(
+                vae,
+                name.replace("sample_min_size", "overlap_factor").replace("sample_min", "overlap_factor"),
+                None,
+            )
+            if isinstance(overlap, float) and "stride" not in name:
+                latent = _seamless_tile(latent, overlap, unit)
+            setattr(vae, name, latent * unit)
+        for name in list(vars(vae)):
+            if name.startswith("tile_latent_min_"):
+                setattr(vae, name, getattr(vae, name.replace("latent", "sample")) // unit)
+        vae.use_tiling = True
+
+    @staticmethod
+    def is_out_of_memory(exc: BaseException) -> bool:
+        """Whether `exc` is the device running out of memory (CUDA's or the host's)."""
+        return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+
+    def free_memory(self) -> None:
+        """Release cached device memory after an out-of-memory error."""
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def available_bytes(self) -> int | None:
+        """Free memory of the device this stage runs on; None where it cannot be known (CPU)."""
+        import torch
+
+        device = torch.device(self.pipe._execution_device)
+        if device.type != "cuda":
+            return None
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+
+    @classmethod
+    def vae_channels(cls, spec: ModelSpec) -> int:
+        """The widest block of the VAE's decoder: its activations dominate the decode's memory."""
+        cfg = spec.read_config("config.json", "vae")
+        widths = cfg.get("decoder_block_out_channels") or cfg.get("block_out_channels")
+        if widths:
+            return int(max(widths))
+        return int(cfg.get("base_dim", 96) * max(cfg.get("dim_mult", [1])))
+
+    def output_shape(self, latent_shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """(frames, height, width) in pixels that one row of `latent_shape` decodes to."""
+        frames, h, w = self.latent_frames_hw(latent_shape)
+        info = self.spec.info
+        out_frames = 1 if self.is_image_model else (frames - 1) * info.vae_scale_factor_temporal + 1
+        return out_frames, h * info.vae_scale_factor_spatial, w * info.vae_scale_factor_spatial
+
+    def latent_frames_hw(self, latent_shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """(latent frames, latent height, latent width) of one row's latents, (C, F, h, w) here."""
+        if self.is_image_model:
+            return 1, latent_shape[-2], latent_shape[-1]
+        return latent_shape[1], latent_shape[2], latent_shape[3]
+
+    def latent_shape(self, frames: int, h: int, w: int) -> tuple[int, ...]:
+        """The inverse of `latent_frames_hw`: one row's latents for `frames` latent frames."""
+        cfg = self.spec.read_config("config.json", "vae")
+        channels = int(cfg.get("z_dim") or cfg["latent_channels"])
+        return (channels, h, w) if self.is_image_model else (channels, frames, h, w)
+
+    def decode_peak_bytes(
+        self, plan: DecodePlan, latent_shape: tuple[int, ...], tile_size: int | None = None
+    ) -> int:
+        """Estimated peak memory of decoding rows of `latent_shape` with `plan` (a DecodePlan)."""
+        from kinoray.models.decode_plan import peak_bytes
+
+        frames, height, width = self.output_shape(latent_shape)
+        chunk = min(frames, self.decode_chunk_frames or frames)
+        vae = self.pipe.vae
+        # The VAE's own tile sizes, as they were before any tiled decode changed them.
+        sizes = getattr(self, "_tile_defaults", None) or vars(vae)
+        tile_h = tile_size or sizes.get("tile_sample_min_height", sizes.get("tile_sample_min_size"))
+        tile_w = tile_size or sizes.get("tile_sample_min_width", sizes.get("tile_sample_min_size"))
+        itemsize = 2 if str(vae.dtype) in ("torch.bfloat16", "torch.float16") else 4
+        estimate = peak_bytes(
+            plan,
+            chunk,
+            height,
+            width,
+            self.vae_channels(self.spec),
+            itemsize,
+            self.decode_memory_factor,
+            (chunk, int(tile_h or height), int(tile_w or width)),
+        )
+        # The decoded clip itself is held whole, however it is decoded.
+        return estimate + plan.rows * max(frames - chunk, 0) * height * width * 3 * 4
+
     def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -328,3 +451,12 @@ class FamilyAdapter:
 def to_uint8(frames: np.ndarray) -> np.ndarray:
     """Float frames in [0, 1] (as diffusers' `output_type="np"` gives them) -> uint8."""
     return np.clip(np.round(np.asarray(frames, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+
+
+def _seamless_tile(latent: int, overlap: float, unit: int) -> int:
+    """The smallest tile of at least `latent` latent pixels whose stride, in VAEs that derive it
+    from an overlap factor (AutoencoderKL, CogVideoX's), is the same in latent and decoded pixels;
+    otherwise the tiles diffusers stitches together do not add up to the frame's size."""
+    while int(latent * (1 - overlap)) * unit != latent * unit - int(latent * unit * overlap):
+        latent += 1
+    return latent

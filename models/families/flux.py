@@ -14,6 +14,7 @@ from kinoray.models.spec import ModelSpec
 class FluxAdapter(FamilyAdapter):
     name = "flux"
     pipeline_class = "FluxPipeline"
+    decode_memory_factor = 7.7  # measured on the tiny preset: kinoray bench --decode-memory
     default_max_sequence_length = 512
     caches = frozenset({"first_block", "faster"})
     conditioning = ("prompt_embeds", "pooled_prompt_embeds")

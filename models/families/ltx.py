@@ -15,6 +15,7 @@ from kinoray.models.spec import ModelSpec
 class LTXAdapter(FamilyAdapter):
     name = "ltx"
     pipeline_class = "LTXPipeline"
+    decode_memory_factor = 6.2  # measured on the tiny preset: kinoray bench --decode-memory
     default_max_sequence_length = 128
     conditioning = ("prompt_embeds", "prompt_attention_mask")
     # LTXPipeline's own defaults.

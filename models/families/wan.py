@@ -14,8 +14,10 @@ from kinoray.models.spec import ModelSpec
 class WanAdapter(FamilyAdapter):
     name = "wan"
     pipeline_class = "WanPipeline"
+    decode_memory_factor = 46.7  # measured on the tiny preset: kinoray bench --decode-memory
     default_max_sequence_length = 512
     caches = frozenset({"first_block"})
+    decode_chunk_frames = 4  # its causal VAE decodes one latent frame at a time
     # The Wan 2.1 T2V model card's settings for 480p.
     defaults = {
         "height": 480,

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from kinoray.models.request import GenerationRequest
 from kinoray.models.stages.base import (
     ERROR_COLUMNS,
+    RESUME_COLUMN,
+    STAGE_ORDER,
     Batch,
     ModelStage,
     RowError,
@@ -29,6 +31,8 @@ def requests_to_batch(requests: Sequence[GenerationRequest]) -> Batch:
 
 __all__ = [
     "ERROR_COLUMNS",
+    "RESUME_COLUMN",
+    "STAGE_ORDER",
     "Batch",
     "Decoder",
     "Denoiser",

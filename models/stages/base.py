@@ -10,7 +10,9 @@ computes one group; `Stage.__call__` does the rest:
 3. group the other rows (`group_key`) and cut groups into chunks of `max_batch_size`;
 4. time each chunk and keep the in-flight gauge;
 5. on an exception, retry the chunk row by row, so one bad row never fails its neighbours;
-6. scatter the outputs back into rows, add `<stage>_s` (seconds per row), drop consumed columns.
+6. scatter the outputs back into rows, add `<stage>_s` (seconds per row), drop consumed columns
+   (a row that failed here keeps those its stage names in `kept_on_failure`);
+7. pass through rows whose `resume_stage` names a later stage: their earlier work was saved.
 
 A failed row carries a structured error in three columns, `error` (the message, "" when the
 row is fine), `error_stage` and `error_reason`; metrics are labelled by the reason.
@@ -30,6 +32,9 @@ from kinoray.models import telemetry
 
 Batch = dict[str, np.ndarray]
 ERROR_COLUMNS = ("error", "error_stage", "error_reason")
+# The model graph's stages in order; a row whose RESUME_COLUMN names one skips those before it.
+STAGE_ORDER = ("encode", "denoise", "decode", "write")
+RESUME_COLUMN = "resume_stage"
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +121,16 @@ class Stage:
         """Input columns that no later stage needs (large arrays): dropped from the output."""
         return ()
 
+    def kept_on_failure(self) -> tuple[str, ...]:
+        """Consumed columns that a row failing in this stage keeps, so its work can be saved."""
+        return ()
+
+    def output_dtypes(self) -> dict[str, np.dtype]:
+        """The dtype of each array output column. A row that failed holds an empty array of it:
+        Ray Data can join blocks of arrays of other shapes, not arrays with nulls or arrays of
+        another dtype, so a batch in which every row failed must still have typed columns."""
+        return {}
+
     def group_key(self, batch: Batch, i: int) -> Hashable:
         """Rows with equal keys may share one `compute` call."""
         return None
@@ -138,11 +153,19 @@ class Stage:
                 f"{type(self).__name__} needs column(s) {', '.join(missing)}; got {', '.join(batch)}"
             )
         errors = {c: _strings(batch.get(c), n) for c in ERROR_COLUMNS}
+        failed_before = [bool(e) for e in errors["error"]]
         outputs: dict[str, list[Any]] = {c: [None] * n for c in self.output_columns()}
-        seconds = np.zeros(n)
+        seconds = np.full(n, np.nan)  # NaN: not computed here (failed before, or resumed later)
+        resume = _strings(batch.get(RESUME_COLUMN), n)
         groups: dict[Hashable, list[int]] = defaultdict(list)
         for i in range(n):
-            if not errors["error"][i]:
+            # A row resumed at a later stage (its earlier work is saved) passes through.
+            later = (
+                resume[i] in STAGE_ORDER
+                and self.name in STAGE_ORDER
+                and STAGE_ORDER.index(resume[i]) > STAGE_ORDER.index(self.name)
+            )
+            if not errors["error"][i] and not later:
                 groups[self.group_key(batch, i)].append(i)
         size = self.max_batch_size
         for key, idx in groups.items():
@@ -151,11 +174,20 @@ class Stage:
                     batch, key, idx[start : start + (size or len(idx))], outputs, errors, seconds, kwargs
                 )
         consumed = set(self.consumed_columns())
+        failed_here = [bool(e) and not before for e, before in zip(errors["error"], failed_before)]
         out = {k: v for k, v in batch.items() if k not in consumed}
+        # A row that failed here keeps what it came with (e.g. its latents), to be saved; the
+        # column is there for every row, so that every block of this stage has the same columns.
+        for name in consumed & set(self.kept_on_failure()) & set(batch):
+            out[name] = column(
+                [batch[name][i] if failed_here[i] else empty_like(batch[name][i]) for i in range(n)]
+            )
         for name, values in outputs.items():
             template = next((v for v in values if v is not None), None)
             if template is not None:
                 self._templates[name] = template
+            elif name not in self._templates and name in self.output_dtypes():
+                self._templates[name] = np.zeros((0,), self.output_dtypes()[name])
             placeholder = empty_like(self._templates.get(name))
             out[name] = column([placeholder if v is None else v for v in values])
         for c in ERROR_COLUMNS:

@@ -52,6 +52,9 @@ class Denoiser(ModelStage):
     def group_key(self, batch: Batch, i: int) -> Hashable:
         return sampling_of(batch, i)
 
+    def output_dtypes(self) -> dict[str, np.dtype]:
+        return {"latents": np.dtype(np.float32)}
+
     def compute(
         self,
         batch: Batch,

@@ -37,6 +37,14 @@ class TextEncoder(ModelStage):
             out[f"negative_{name}"] = f"the negative prompt's {name}"
         return out
 
+    def output_dtypes(self) -> dict[str, np.dtype]:
+        # The family's conditioning dtypes, from the empty text (cached: the usual negative prompt).
+        first = self.embed([""])[0]
+        return {
+            **{name: arr.dtype for name, arr in first.items()},
+            **{f"negative_{name}": arr.dtype for name, arr in first.items()},
+        }
+
     def embed(self, texts: Sequence[str]) -> list[dict[str, np.ndarray]]:
         """Each text's conditioning arrays (one row of each), from the cache where possible."""
         missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
