@@ -14,9 +14,15 @@ export HF_HUB_DISABLE_TELEMETRY ?= 1
 
 install: $(BIN)/.installed
 
+# PyPI's Linux torch wheel is the CUDA build (with several GB of nvidia-* packages). For a
+# CPU-only machine: make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# For GPUs, the CUDA build that matches the driver, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cu128
+TORCH_INDEX ?=
+
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(if $(TORCH_INDEX),$(BIN)/pip install --quiet 'torch==2.13.0' --index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 

@@ -146,11 +146,15 @@ class Ingress:
                 code="queue_full",
                 headers={"Retry-After": str(self.serve_config.retry_after_s)},
             )
+        duration = req.sampling.num_frames / req.sampling.fps
         record = JobRecord(
             id=job_id,
             model=model,
             prompt=req.prompt,
-            seconds=f"{req.sampling.num_frames / req.sampling.fps:g}",
+            # `seconds` as the client sent it (OpenAI's clients compare it); the clip's exact
+            # length, after snapping to the frames the model makes, is `duration_s`.
+            seconds=str(data["seconds"]) if data.get("seconds") is not None else f"{duration:g}",
+            duration_s=round(duration, 3),
             size=f"{req.sampling.width}x{req.sampling.height}",
             seed=req.seed,
             request=req.row(),

@@ -43,6 +43,7 @@ class JobRecord(BaseModel):
     remixed_from_video_id: str | None = None
     error: JobError | None = None
     # kinoray's own fields
+    duration_s: float | None = None
     seed: int
     request: dict[str, Any]
     deadline_at: float

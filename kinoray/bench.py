@@ -390,6 +390,12 @@ def main(args: argparse.Namespace) -> int:
 
         print(bench_decode.render(bench_decode.run()))
         return 0
+    if args.startup:
+        from kinoray import bench_startup
+
+        print(bench_startup.render(bench_startup.run(Path(args.out), args.baseline)))
+        print(f"\nwritten: {Path(args.out) / 'startup.json'}")
+        return 0
     if args.scale:
         from kinoray import bench_scale
 

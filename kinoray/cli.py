@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -16,12 +17,26 @@ from kinoray.models.request import field_type, request_fields
 REQUEST_FLAGS = [f for f in request_fields() if f not in ("id", "prompt")]
 
 
+class UserError(Exception):
+    """A mistake the user can fix: printed as one `error:` line, exit code 2."""
+
+
 def _load_config(args: argparse.Namespace) -> Any:
-    from kinoray.models.config import KinorayConfig
+    from pydantic import ValidationError
+
+    from kinoray.models.config import KinorayConfig, explain
+    from kinoray.models.spec import ModelSpec
 
     config = KinorayConfig.load(args.config)
     updates = {k: getattr(args, k) for k in ("weights", "device", "dtype") if getattr(args, k, None)}
-    return config.with_model(**updates) if updates else config
+    try:
+        return config.with_model(**updates) if updates else config
+    except ValidationError as exc:
+        flags = {"weights": "--model", "device": "--device", "dtype": "--dtype"}
+        message = explain(exc, ModelSpec)
+        for key, flag in flags.items():
+            message = message.replace(f"{key}: ", f"{flag}: ")
+        raise UserError(message) from None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -37,15 +52,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         request = builder.build({"prompt": args.prompt, **fields})
     except RequestError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise UserError(str(exc)) from None
+    suffix = video_suffix(request.sampling.num_frames)
+    if args.output and os.path.splitext(args.output)[1].lower() not in (suffix, ""):
+        # One frame is written as a PNG image, more as an MP4 video: the name says which.
+        raise UserError(
+            f"--output: {request.sampling.num_frames} frame(s) are written as {suffix}, "
+            f"so name it {os.path.splitext(args.output)[0]}{suffix}"
+        )
     pipeline = LocalPipeline(config, builder)
     start = time.perf_counter()
     out = pipeline.run([request])
     if out["error"][0]:
         print(f"error: {out['error'][0]}", file=sys.stderr)
         return 1
-    output = args.output or f"{request.id}{video_suffix(request.sampling.num_frames)}"
+    output = args.output or f"{request.id}{suffix}"
     with fsspec.open(output, "wb") as f:
         f.write(encode_video(out["frames"][0], request.sampling.fps))
     s = request.sampling
@@ -68,6 +89,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_batch(args: argparse.Namespace) -> int:
     import signal
 
+    from kinoray.models.cluster import StderrFilter
     from kinoray.pipelines.job import JobInterrupted, run_job
     from kinoray.pipelines.sources import InputError
 
@@ -77,17 +99,18 @@ def cmd_batch(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     config = _load_config(args)
     try:
-        summary = run_job(
-            args.prompts,
-            args.output,
-            config,
-            ray_address=args.address,
-            num_cpus=args.num_cpus,
-            dry_run=args.dry_run,
-        )
+        with contextlib.nullcontext() if args.verbose else StderrFilter():
+            summary = run_job(
+                args.prompts,
+                args.output,
+                config,
+                ray_address=args.address,
+                num_cpus=args.num_cpus,
+                dry_run=args.dry_run,
+                verbose=args.verbose,
+            )
     except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise UserError(str(exc)) from None
     except JobInterrupted as exc:
         done = exc.summary
         kept = (
@@ -108,8 +131,11 @@ def cmd_batch(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from kinoray.deployments.run import serve_forever
 
-    serve_forever(_load_config(args), address=args.address)
-    return 0
+    config = _load_config(args)
+    changes = {k: getattr(args, k) for k in ("host", "port") if getattr(args, k) is not None}
+    if changes:
+        config = config.model_copy(update={"serve": config.serve.model_copy(update=changes)})
+    return serve_forever(config, address=args.address, verbose=args.verbose)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -119,33 +145,58 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config (model, stages, defaults, limits)")
+    from kinoray.models import tiny
+
     p.add_argument(
-        "--model", dest="weights", help="preset, local diffusers folder or hub id (default: tiny-wan)"
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs"
     )
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--verbose", action="store_true", help="show Ray's and Ray Serve's INFO logs")
+    p.add_argument(
+        "--config", metavar="YAML", help="config file: model, stages, defaults, limits (default: none)"
+    )
+    p.add_argument(
+        "--model",
+        dest="weights",
+        metavar="WEIGHTS",
+        help=f"a preset ({', '.join(tiny.preset_names())}), a local diffusers folder or a hub id "
+        f"(default: the config's, else {tiny.DEFAULT_MODEL})",
+    )
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and compute dtype (default: auto, bfloat16 on CUDA and float32 on CPU)",
+    )
 
 
 def _add_request_flags(p: argparse.ArgumentParser) -> None:
     """One flag per request field, named after it (`--num-frames`), typed and described by it."""
+    from kinoray.models import tiny
+
     fields = request_fields()
+    shown = tiny.preset_defaults(tiny.DEFAULT_MODEL)
     for name in REQUEST_FLAGS:
         info = fields[name]
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         flags = [f"--{name.replace('_', '-')}", *([str(extra["cli"])] if "cli" in extra else [])]
+        default = "derived from the id" if name == "seed" else "the model's"
+        if name in shown:
+            default += f"; {shown[name]} for {tiny.DEFAULT_MODEL}"
         p.add_argument(
-            *flags, dest=name, type=field_type(info), help=f"{info.description} (default: the model's)"
+            *flags, dest=name, type=field_type(info), help=f"{info.description} (default: {default})"
         )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kinoray", description=__doc__)
+    parser.add_argument(
+        "--debug", action="store_true", help="show tracebacks and debug logs (or set KINORAY_DEBUG=1)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="one video, in this process")
     g.add_argument("prompt", help="what to generate")
-    g.add_argument("-o", "--output", help="file or fsspec URL (default: <id>.mp4)")
+    g.add_argument("-o", "--output", help="file or fsspec URL (default: <id>.mp4, or <id>.png for one frame)")
     _add_model_flags(g)
     _add_request_flags(g)
     g.set_defaults(func=cmd_generate)
@@ -158,8 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("-o", "--output", required=True, help="output folder (fsspec URL)")
     _add_model_flags(b)
-    b.add_argument("--address", help="Ray cluster address (default: start a local one)")
-    b.add_argument("--num-cpus", type=int, help="CPUs for a local Ray cluster")
+    b.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else start a local one)")
+    b.add_argument(
+        "--num-cpus", type=int, help="logical CPUs of a local Ray cluster (default: enough for the stages)"
+    )
     b.add_argument(
         "--dry-run", action="store_true", help="read and validate every row, load no model, print the plan"
     )
@@ -167,14 +220,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="the OpenAI-compatible Videos API on Ray Serve")
     _add_model_flags(s)
-    s.add_argument("--address", help="Ray cluster address (default: start a local one)")
+    s.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else start a local one)")
+    s.add_argument("--host", help="address to listen on (default: the config's serve.host, 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port to listen on (default: the config's serve.port, 8000)")
     s.set_defaults(func=cmd_serve)
 
     k = sub.add_parser("bench", help="kinoray against a diffusers loop and a one-stage Ray Data job")
     _add_model_flags(k)
-    k.add_argument("--rows", type=int, default=24, help="prompts in the bulk comparison")
-    k.add_argument("--online-requests", type=int, default=16, help="requests per concurrency level (0: skip)")
-    k.add_argument("--out", default="bench-results")
+    k.add_argument("--rows", type=int, default=24, help="prompts in the bulk comparison (default: 24)")
+    k.add_argument(
+        "--online-requests",
+        type=int,
+        default=16,
+        help="requests per concurrency level, 0 to skip (default: 16)",
+    )
+    k.add_argument("--out", default="bench-results", help="results folder (default: bench-results)")
     k.add_argument(
         "--decode-memory",
         action="store_true",
@@ -187,14 +247,50 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead: a table of ROWS generated rows, as JSONL and as Parquet parts: --dry-run speed, "
         "driver memory, time to the first video",
     )
+    k.add_argument(
+        "--startup",
+        action="store_true",
+        help="instead: seconds from the command to the first result of batch, serve and generate",
+    )
+    k.add_argument(
+        "--baseline",
+        metavar="CHECKOUT",
+        help="with --startup: also time another kinoray checkout (first on PYTHONPATH), interleaved",
+    )
     k.set_defaults(func=cmd_bench)
     return parser
 
 
+def _user_message(exc: BaseException) -> str | None:
+    """The one line to print for a mistake the user can fix; None for anything else."""
+    from kinoray.models.config import ConfigError
+    from kinoray.models.request import RequestError
+    from kinoray.models.spec import ModelError
+
+    if isinstance(exc, (UserError, ConfigError, ModelError, RequestError)):
+        return str(exc)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("KINORAY_LOG", "WARNING"))
-    args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    """Run one command; returns its exit code (2: a mistake to fix, 130: interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("KINORAY_DEBUG", "") not in ("", "0")
+    logging.basicConfig(level=os.environ.get("KINORAY_LOG", "DEBUG" if debug else "WARNING"))
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("kinoray: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        message = _user_message(exc)
+        if message is None or debug:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

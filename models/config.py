@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kinoray.models.request import LimitOverrides, RequestBuilder, RequestDefaults
 from kinoray.models.spec import ModelSpec
@@ -111,13 +111,34 @@ class ServeConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8000
     model_aliases: list[str] = Field(
-        default_factory=lambda: ["sora-2", "sora-2-pro"],
-        description="other model names accepted for the served model, so existing client code runs unchanged",
+        default_factory=lambda: [
+            "sora-2",
+            "sora-2-pro",
+            "gpt-image-1",
+            "gpt-image-1-mini",
+            "dall-e-3",
+            "dall-e-2",
+        ],
+        description="other model names accepted for the served model by both APIs, so existing "
+        "client code runs unchanged",
     )
     max_queued_requests: int = Field(default=64, ge=1, description="video jobs in flight per ingress replica")
     retry_after_s: int = Field(default=5, ge=1, description="Retry-After of a 429")
     job_deadline_s: float = Field(default=3600.0, gt=0, description="a job not finished by then ends failed")
     ingress_replicas: int = Field(default=1, ge=1)
+
+
+class RayConfig(BaseModel):
+    """The local Ray cluster kinoray starts when no address is given."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metrics_export_port: int = Field(
+        default=8080,
+        ge=1,
+        le=65535,
+        description="where Ray exports Prometheus metrics (KubeRay's `metrics` port is 8080 too)",
+    )
 
 
 class KinorayConfig(BaseModel):
@@ -137,16 +158,36 @@ class KinorayConfig(BaseModel):
     decoder: DecoderConfig = Field(default_factory=DecoderConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
 
     @classmethod
     def load(cls, path: str | Path | None) -> KinorayConfig:
-        """The config in YAML file `path` (defaults when None); raises OSError, yaml.YAMLError or
-        pydantic's ValidationError naming the section and key."""
+        """The config in YAML file `path` (defaults when None).
+
+        Raises ConfigError (one line: the file, and the key or the problem) for a file that is
+        missing, unreadable, not YAML, or holds an unknown key or a bad value.
+        """
         if path is None:
             return cls()
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        return cls.model_validate(data)
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" (line {mark.line + 1})" if mark is not None else ""
+            raise ConfigError(
+                f"config file {path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}"
+            ) from None
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"config file {path}: expected sections (model:, denoiser:, ...), got a {type(data).__name__}"
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(f"config file {path}: {explain(exc, cls)}") from None
 
     def with_model(self, **changes: Any) -> KinorayConfig:
         """A copy with `model` fields replaced (and validated), e.g. from CLI flags."""
@@ -163,3 +204,33 @@ class KinorayConfig(BaseModel):
         return RequestBuilder(
             defaults=defaults, limits=info.limits.tightened(self.limits), model=self.model.identity
         )
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the key."""
+
+
+def explain(exc: ValidationError, schema: type[BaseModel] | None = None) -> str:
+    """Pydantic's errors as one line: `key.path: problem`, and for an unknown key the keys its
+    section takes (from `schema`)."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(x) for x in err["loc"]) or "value"
+        if err["type"] == "extra_forbidden":
+            known = _section_keys(schema, err["loc"][:-1]) if schema else []
+            hint = f" (known: {', '.join(known)})" if known else ""
+            parts.append(f"unknown key {where!r}{hint}")
+        else:
+            message = str(err["msg"]).removeprefix("Value error, ")
+            parts.append(f"{where}: {message}")
+    return "; ".join(parts)
+
+
+def _section_keys(schema: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    model: Any = schema
+    for key in loc:
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None:
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))

@@ -96,10 +96,7 @@ class ModelSpec(BaseModel):
         if os.path.isdir(path):
             with open(os.path.join(path, subfolder or "", name)) as f:
                 return json.load(f)
-        from huggingface_hub import hf_hub_download
-
-        local = hf_hub_download(path, name, subfolder=subfolder, revision=self.revision)
-        with open(local) as f:
+        with open(_hub_file(path, name, subfolder, self.revision)) as f:
             return json.load(f)
 
     @cached_property
@@ -130,3 +127,50 @@ class ModelSpec(BaseModel):
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device().startswith("cuda") else torch.float32
         return getattr(torch, self.dtype)
+
+
+class ModelError(ValueError):
+    """Weights that cannot be found or reached: the message says what to do."""
+
+
+def _hub_file(repo: str, name: str, subfolder: str | None, revision: str | None) -> str:
+    """A checkpoint file from the Hugging Face hub (or its cache): its local path.
+
+    One probe without retries first: `hf_hub_download` retries an unreachable hub for ~25 s
+    before it falls back to the cache. Raises ModelError saying what to do.
+    """
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"{repo}/{subfolder + '/' if subfolder else ''}{name}"
+    offline = bool(constants.HF_HUB_OFFLINE)
+    if not offline:
+        try:
+            get_hf_file_metadata(hf_hub_url(repo, name, subfolder=subfolder, revision=revision), timeout=10)
+        except GatedRepoError:
+            raise ModelError(
+                f"{repo} is gated on the Hugging Face hub: accept its terms, then `hf auth login`"
+            ) from None
+        except (RepositoryNotFoundError, RevisionNotFoundError):
+            raise ModelError(
+                f"no model {repo!r}{f' at revision {revision!r}' if revision else ''} on the Hugging "
+                "Face hub (a private one needs `hf auth login`), and no local folder of that name"
+            ) from None
+        except EntryNotFoundError:
+            raise ModelError(f"{repo} has no {where.split('/', 2)[-1]}: not a diffusers pipeline") from None
+        except Exception:  # the hub cannot be reached: the cache may still have the file
+            offline = True
+    try:
+        return hf_hub_download(repo, name, subfolder=subfolder, revision=revision, local_files_only=offline)
+    except LocalEntryNotFoundError:
+        raise ModelError(
+            f"cannot reach the Hugging Face hub for {where}, and it is not in the local cache: "
+            "check the network (HF_ENDPOINT for a mirror), or give a local diffusers folder"
+            + ("; HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "")
+        ) from None

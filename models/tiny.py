@@ -67,6 +67,11 @@ def is_preset(name: str) -> bool:
     return name in _registry()
 
 
+def preset_defaults(name: str) -> dict[str, Any]:
+    """A preset's request defaults, without building it."""
+    return dict(_registry()[name].defaults)
+
+
 def preset_names(tested_only: bool = False) -> list[str]:
     return sorted(n for n, p in _registry().items() if p.tested or not tested_only)
 

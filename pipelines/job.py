@@ -108,6 +108,11 @@ class JobSummary:
         )
 
 
+def state_name(run: str) -> str:
+    """The name of run `run`'s JobState actor."""
+    return f"kinoray-job-{run}"
+
+
 def _run_id() -> str:
     # Sorts by start time: manifest parts of later runs win.
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
@@ -117,8 +122,12 @@ class ClaimRows:
     """The claim step: one actor, fed blocks in input order, asks the job's state to decide
     each row and passes on the rows to generate, bucketed by sampling parameters."""
 
-    def __init__(self, state: Any, dry_run: bool):
-        self.state, self.dry_run = state, dry_run
+    def __init__(self, state_name: str, dry_run: bool):
+        import ray
+
+        # By name rather than by handle: an actor handle among the constructor arguments puts
+        # them in the object store, which Ray reports as an error line for restartable actors.
+        self.state, self.dry_run = ray.get_actor(state_name), dry_run
 
     def __call__(self, block: pa.Table) -> pa.Table:
         import ray
@@ -188,7 +197,7 @@ def build_dataset(
     )
     ds = ds.map_batches(
         ClaimRows,
-        fn_constructor_kwargs={"state": state, "dry_run": dry_run},
+        fn_constructor_kwargs={"state_name": state_name(run), "dry_run": dry_run},
         compute=ray.data.ActorPoolStrategy(size=1),
         batch_size=None,
         batch_format="pyarrow",
@@ -221,26 +230,20 @@ def build_dataset(
 
 
 def _init_ray(
-    config: KinorayConfig, address: str | None, num_cpus: int | None, dry_run: bool = False
+    config: KinorayConfig,
+    address: str | None,
+    num_cpus: int | None,
+    dry_run: bool = False,
+    verbose: bool = False,
 ) -> bool:
     """Connect to Ray; returns whether this call started a local cluster."""
-    import ray
-    import ray.data
+    from kinoray.models.cluster import connect
 
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    if ray.is_initialized():
-        return False
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, log_to_driver=False)  # an existing cluster (a RayJob sets RAY_ADDRESS)
-        return False
     # A local cluster gets enough logical CPUs for one actor per stage plus readers and writers
     # (a dry run starts no stage: its validation tasks get the cores).
     stages = () if dry_run else (config.encoder, config.denoiser, config.decoder)
     need = math.ceil(sum(s.num_cpus * max(1, s.min_replicas) for s in stages) + 1)
-    ray.init(
-        num_cpus=num_cpus or max(os.cpu_count() or 1, need), include_dashboard=False, log_to_driver=False
-    )
-    return True
+    return connect(config, address, num_cpus or max(os.cpu_count() or 1, need), verbose)
 
 
 def run_job(
@@ -252,6 +255,7 @@ def run_job(
     progress: bool = True,
     on_rows: Callable[[int], None] | None = None,
     dry_run: bool = False,
+    verbose: bool = False,
 ) -> JobSummary:
     """Generate every row of `prompts` (a file, a folder of parts, a glob or a list of these)
     not already done in `output`; `on_rows(n)` hears of each batch of `n` finished videos.
@@ -269,7 +273,7 @@ def run_job(
     files = resolve(prompts, passthrough)
     builder = config.request_builder()  # the checkpoint's configs only; no weights
     run = _run_id()
-    started = _init_ray(config, ray_address, num_cpus, dry_run)
+    started = _init_ray(config, ray_address, num_cpus, dry_run, verbose)
     context = ray.data.DataContext.get_current()
     saved = (
         context.enable_progress_bars,
@@ -283,7 +287,11 @@ def run_job(
     # through the pools batch by batch instead of an input block at a time (Ray Data's default,
     # 128 MiB, would hold thousands of rows of a small model's embeddings in one block).
     context.target_max_block_size = BLOCK_BYTES
-    state = ray.remote(num_cpus=0)(JobState).remote(output, run, [f.url for f in files], passthrough, dry_run)
+    state = (
+        ray.remote(num_cpus=0)(JobState)
+        .options(name=state_name(run))
+        .remote(output, run, [f.url for f in files], passthrough, dry_run)
+    )
     metrics = JobMetrics(run, config.batch.metrics_port, config.batch.pushgateway)
     bar = _ProgressBar(progress and not dry_run)
     interrupted: JobInterrupted | None = None

@@ -91,6 +91,8 @@ def test_openai_client_create_poll_download(client, local):
     )
     assert v.status == "queued" and v.object == "video" and v.progress == 0
     assert v.size == "48x32" and v.model == "tiny-wan"
+    # `seconds` is echoed as sent; the exact length (17 frames at 8 fps) is in `duration_s`.
+    assert v.seconds == "2" and v.model_extra["duration_s"] == 2.125
     done, seen = wait(client, v.id)
     assert done.status == "completed" and done.progress == 100 and done.completed_at >= done.created_at
     progress = [p for _, p in seen]

@@ -1,0 +1,140 @@
+"""`kinoray bench --startup`: how long a new user waits, from the command to its first result.
+
+Each measurement runs the CLI in a fresh process, as a user would: the first video and the end of
+an 8-row `kinoray batch`, the first healthy answer of `kinoray serve`, a `kinoray generate`, and
+`kinoray generate` with a bad value (the error path). With `baseline`, the same commands also
+run against another checkout of kinoray (put first on PYTHONPATH), interleaved with the current
+one so that both see the same machine load; ratios are baseline / current.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROWS = 8
+
+
+def _env(baseline: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if baseline:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [baseline, env.get("PYTHONPATH")]))
+    return env
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "kinoray.cli", *args]
+
+
+def time_batch(work: Path, env: dict[str, str]) -> dict[str, float]:
+    """Seconds to the first video file and to the end of an 8-row batch."""
+    prompts = work / "p.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"start-up clip {i}", "seed": i}) + "\n" for i in range(ROWS))
+    )
+    out = work / "out"
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        _cli("batch", str(prompts), "-o", str(out)),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    first = None
+    while proc.poll() is None:
+        if first is None and any((out / "videos").glob("*.mp4")):
+            first = time.perf_counter() - start
+        time.sleep(0.05)
+    total = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"kinoray batch exited {proc.returncode}")
+    return {"batch_first_video_s": round(first or total, 2), "batch_total_s": round(total, 2)}
+
+
+def time_serve(work: Path, env: dict[str, str]) -> dict[str, float]:
+    """Seconds to the first 200 from `/healthz` of `kinoray serve`."""
+    import socket
+
+    import requests
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = work / "serve.yaml"
+    config.write_text(f"serve: {{port: {port}, storage: {work / 'store'}}}\n")
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        _cli("serve", "--config", str(config)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        while proc.poll() is None:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    return {"serve_healthy_s": round(time.perf_counter() - start, 2)}
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"kinoray serve exited {proc.returncode}")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def time_generate(work: Path, env: dict[str, str]) -> dict[str, float]:
+    """Seconds for `kinoray generate` of one video, and for one with a bad value."""
+    start = time.perf_counter()
+    subprocess.run(
+        _cli("generate", "a fox", "-o", str(work / "fox.mp4")), env=env, check=True, capture_output=True
+    )
+    ok = time.perf_counter() - start
+    start = time.perf_counter()
+    bad = subprocess.run(_cli("generate", "a fox", "--height", "100"), env=env, capture_output=True)
+    error = time.perf_counter() - start
+    if bad.returncode == 0:
+        raise RuntimeError("kinoray generate --height 100 succeeded")
+    return {"generate_s": round(ok, 2), "generate_error_s": round(error, 2)}
+
+
+def run(out: Path, baseline: str | None = None) -> dict[str, Any]:
+    """Current (and baseline) start-up times, written to `out/startup.json`; each step runs for
+    the current checkout, then for the baseline, before the next step."""
+    report: dict[str, Any] = {"current": {}}
+    if baseline:
+        report["baseline"] = {}
+    for step in (time_generate, time_batch, time_serve):
+        for name, path in (("current", None), ("baseline", baseline)):
+            if name == "baseline" and not baseline:
+                continue
+            with tempfile.TemporaryDirectory() as work:
+                report[name].update(step(Path(work), _env(path)))
+    if baseline:
+        report["baseline_over_current"] = {
+            k: round(report["baseline"][k] / v, 2) for k, v in report["current"].items() if v > 0
+        }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "startup.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = [
+        f"{'start-up (s)':<24}{'current':>10}"
+        + (f"{'baseline':>10}{'ratio':>8}" if "baseline" in report else "")
+    ]
+    for key, value in report["current"].items():
+        line = f"{key:<24}{value:>10.2f}"
+        if "baseline" in report:
+            line += f"{report['baseline'][key]:>10.2f}{report['baseline_over_current'][key]:>7.2f}x"
+        lines.append(line)
+    return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""Connecting to Ray: an existing cluster, or a local one started quietly with kinoray's settings.
+
+A local cluster gets:
+- Ray 2.60's token authentication, which Ray turns on for a new local cluster when
+  `RAY_AUTH_MODE` is unset, without the warning Ray prints about it on every start (the README
+  says it once). `RAY_AUTH_MODE=disabled` in the environment turns it off, as in Ray.
+- Ray's Prometheus exporter on `ray.metrics_export_port` (8080, as on KubeRay), printed at start.
+  Ray binds it on the node's address (all interfaces on a single machine), so
+  `127.0.0.1:<port>` scrapes it.
+- Ray's INFO lines only when `verbose` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from typing import Any
+
+from kinoray.models.config import KinorayConfig
+
+# Loggers whose INFO lines only `verbose` shows, and notices about kinoray's own choices
+# (progress bars off: kinoray draws its own; token authentication: set on purpose).
+QUIET_LOGGERS = ("ray", "ray.data", "ray.serve")
+NOTICES = ("ray.data._internal.progress", "ray._private.authentication.authentication_token_setup")
+
+
+def quiet(verbose: bool = False) -> None:
+    """Ray's and Ray Serve's INFO lines in this process only when `verbose`."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    for name in NOTICES:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def connect(
+    config: KinorayConfig,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    verbose: bool = False,
+    **init: Any,
+) -> bool:
+    """Connect to the cluster at `address` (or $RAY_ADDRESS), else start a local one with
+    `num_cpus` logical CPUs; returns whether this call started a cluster."""
+    import ray
+
+    quiet(verbose)
+    if ray.is_initialized():
+        return False
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(
+            address=address, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING
+        )
+        return False
+    port = config.ray.metrics_export_port
+    if _port_free(port):
+        init["_metrics_export_port"] = port
+        where = f"Ray metrics on http://127.0.0.1:{port}/metrics"
+    else:
+        where = f"port {port} is taken, so Ray picked another metrics port (set ray.metrics_export_port)"
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=verbose,
+        logging_level=logging.INFO if verbose else logging.WARNING,
+        **init,
+    )
+    print(f"kinoray: local Ray cluster, {where}", file=sys.stderr, flush=True)
+    return True
+
+
+# Lines Ray's C++ core worker writes to the driver's stderr that tell a user nothing they can act
+# on: Ray Data's actor pools always pass their constructor arguments through the object store
+# (ray-project/ray#53727).
+SPURIOUS_LINES = (b"has constructor arguments in the object store and max_restarts > 0",)
+
+
+class StderrFilter:
+    """While active, drops Ray's SPURIOUS_LINES from this process's stderr (file descriptor 2,
+    where Ray's C++ code writes); everything else passes through unchanged as it arrives."""
+
+    def __enter__(self) -> StderrFilter:
+        import threading
+
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        read, write = os.pipe()
+        os.dup2(write, 2)
+        os.close(write)
+        self._thread = threading.Thread(target=self._pump, args=(read,), daemon=True)
+        self._thread.start()
+        return self
+
+    def _pump(self, read: int) -> None:
+        pending = b""
+        while True:
+            chunk = os.read(read, 65536)
+            if not chunk:
+                break
+            pending += chunk
+            # Whole lines are checked; a partial line (a progress bar's "\r" update) passes at once.
+            *lines, pending = pending.split(b"\n")
+            out = b"".join(line + b"\n" for line in lines if not any(s in line for s in SPURIOUS_LINES))
+            if pending and b"\r" in pending:
+                out, pending = out + pending, b""
+            if out:
+                os.write(self._saved, out)
+        if pending:
+            os.write(self._saved, pending)
+        os.close(read)
+
+    def __exit__(self, *exc: object) -> None:
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)  # closes the pipe's write end: the pump drains and stops
+        self._thread.join(timeout=5)
+        os.close(self._saved)
