@@ -58,25 +58,51 @@ def connect(
     if ray.is_initialized():
         return False
     if address or os.environ.get("RAY_ADDRESS"):
+        handlers = _python_handlers()
         ray.init(
             address=address, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING
         )
+        _restore(handlers)
         return False
     port = config.ray.metrics_export_port
+    # Ray installs C++ handlers for SIGTERM (a stack dump, then exit): the caller's own Python
+    # handlers (a clean stop with what finished recorded) are put back after it starts.
+    handlers = _python_handlers()
     if _port_free(port):
         init["_metrics_export_port"] = port
         where = f"Ray metrics on http://127.0.0.1:{port}/metrics"
     else:
         where = f"port {port} is taken, so Ray picked another metrics port (set ray.metrics_export_port)"
     ray.init(
+        # "local": a cluster of this process's own, even when another local one (`ray start`)
+        # is running, which a plain ray.init() would join.
+        address="local",
         num_cpus=num_cpus,
         include_dashboard=False,
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.WARNING,
         **init,
     )
+    _restore(handlers)
     print(f"kinoray: local Ray cluster, {where}", file=sys.stderr, flush=True)
     return True
+
+
+def _python_handlers() -> dict[int, Any]:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    found = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    return {s: h for s, h in found.items() if callable(h)}
+
+
+def _restore(handlers: dict[int, Any]) -> None:
+    import signal
+
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
 
 
 # Lines Ray's C++ core worker writes to the driver's stderr that tell a user nothing they can act

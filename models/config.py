@@ -74,6 +74,15 @@ class DecoderConfig(StageConfig):
         "or prompt=text, joined with ';' (as $KINORAY_TESTING_DECODE_OOM does)",
     )
 
+    @model_validator(mode="after")
+    def _check_testing_oom(self) -> DecoderConfig:
+        from kinoray.models.decode_plan import FaultInjection
+
+        FaultInjection(
+            self.testing_oom
+        )  # raises ValueError naming a bad setting (also $KINORAY_TESTING_DECODE_OOM)
+        return self
+
     def decode_options(self) -> dict[str, Any]:
         """The Decoder stage's keyword arguments."""
         return {
@@ -168,7 +177,10 @@ class KinorayConfig(BaseModel):
         missing, unreadable, not YAML, or holds an unknown key or a bad value.
         """
         if path is None:
-            return cls()
+            try:
+                return cls()
+            except ValidationError as exc:  # from the environment ($KINORAY_TESTING_DECODE_OOM)
+                raise ConfigError(explain(exc, cls)) from None
         try:
             with open(path) as f:
                 data = yaml.safe_load(f) or {}

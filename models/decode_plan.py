@@ -46,7 +46,9 @@ def plans(n: int, forced: str = "auto") -> list[DecodePlan]:
         rows //= 2
     out += [DecodePlan("tiled", 1, 1.0), DecodePlan("tiled_small", 1, 0.5)]
     if forced != "auto":
-        kinds = {"whole": ("whole",), "split": ("split",), "tiled": ("tiled", "tiled_small")}[forced]
+        # "whole" means whole frames (untiled), in smaller batches too: a row that does not fit
+        # never takes its neighbours down with it.
+        kinds = {"whole": ("whole", "split"), "split": ("split",), "tiled": ("tiled", "tiled_small")}[forced]
         out = [p for p in out if p.name in kinds] or [DecodePlan("split", 1)]
     return out
 
@@ -98,6 +100,10 @@ class FaultInjection:
         for part in filter(None, (p.strip() for p in setting.split(";"))):
             key, _, value = part.partition("=")
             if key == "every":
+                if not value.isdigit() or int(value) < 1:
+                    raise ValueError(
+                        f"{FAULT_ENV}: every must be a whole number of calls, 1 or more (got {value!r})"
+                    )
                 self.every = int(value)
             elif key == "ids":
                 self.ids = frozenset(v for v in value.split(",") if v)

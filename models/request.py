@@ -247,6 +247,10 @@ class GenerationRequest(BaseModel):
         try:
             v.encode("utf-8")
         except UnicodeEncodeError:
+            if any("\udc80" <= ch <= "\udcff" for ch in v):  # bytes a UTF-8 reader could not decode
+                raise ValueError(
+                    "is not valid UTF-8 (is the file in another encoding, such as Latin-1? save it as UTF-8)"
+                ) from None
             raise ValueError("is not valid Unicode text (a lone surrogate)") from None
         return v
 

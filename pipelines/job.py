@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -82,7 +83,8 @@ class JobSummary:
         if self.dry_run:
             lines = [
                 f"dry run: {self.total} rows",
-                f"  to generate: {self.to_generate}",
+                f"  to generate: {self.to_generate}"
+                + (f" ({self.resumed} decoded from saved latents)" if self.resumed else ""),
                 f"  to skip (done): {self.skipped}",
                 f"  same request as another row: {self.duplicate}",
                 f"  to fail: {self.failed}{why}",
@@ -295,23 +297,35 @@ def run_job(
     metrics = JobMetrics(run, config.batch.metrics_port, config.batch.pushgateway)
     bar = _ProgressBar(progress and not dry_run)
     interrupted: JobInterrupted | None = None
+    # Progress comes from the job's state while rows finish, not when results reach this loop
+    # (they arrive in input order, so one slow early row would hold the bar back).
+    stop_polling = threading.Event()
+
+    def poll() -> None:
+        while not stop_polling.wait(PROGRESS_POLL_S):
+            counts = ray.get(state.progress.remote())
+            bar.update(counts, time.perf_counter() - start)
+            metrics.update(counts)
+
+    poller = threading.Thread(target=poll, daemon=True)
     try:
-        last_poll = 0.0
         resume_latents = ray.get(state.has_saved_latents.remote())
         dataset = build_dataset(files, builder, config, output, run, state, dry_run, resume_latents)
+        poller.start()
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             if on_rows is not None and batch.num_rows:
                 on_rows(batch.num_rows)
-            if time.monotonic() - last_poll >= PROGRESS_POLL_S:
-                last_poll = time.monotonic()
-                counts = ray.get(state.progress.remote())
-                bar.update(counts, time.perf_counter() - start)
-                metrics.update(counts)
+        stop_polling.set()
+        poller.join()
+        bar.update(ray.get(state.progress.remote()), time.perf_counter() - start)
     except KeyboardInterrupt:
         interrupted = JobInterrupted("SIGINT", 130)
     except JobInterrupted as exc:
         interrupted = exc
     finally:
+        stop_polling.set()
+        if poller.is_alive():
+            poller.join()
         (
             context.enable_progress_bars,
             context.execution_options.preserve_order,

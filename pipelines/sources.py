@@ -90,8 +90,12 @@ def resolve(sources: str | Sequence[str], allowed: Sequence[str] = ()) -> list[P
     if len(protocols) > 1:
         raise InputError(f"{sources}: prompt tables on different filesystems; copy them to one place")
     with ThreadPoolExecutor(max_workers=min(16, len(unique))) as pool:
-        list(pool.map(lambda f: check(f, allowed), unique))
-    return unique
+        has_rows = list(pool.map(lambda f: check(f, allowed), unique))
+    # Empty parts are common in folders that Spark, Ray Data and pandas write: they hold no rows.
+    tables = [f for f, rows in zip(unique, has_rows) if rows]
+    if not tables:
+        raise InputError(f"{unique[0].url if len(unique) == 1 else sources}: the table has no rows")
+    return tables
 
 
 def _expand(source: str) -> list[PromptFile]:
@@ -121,12 +125,14 @@ def _expand(source: str) -> list[PromptFile]:
     return found
 
 
-def check(file: PromptFile, allowed: Sequence[str] = ()) -> None:
-    """Refuse `file` if it cannot be a prompt table: unreadable, no rows with a `prompt`, or
-    columns that are neither request fields nor `allowed`."""
+def check(file: PromptFile, allowed: Sequence[str] = ()) -> bool:
+    """Refuse `file` if it cannot be a prompt table: unreadable, in another format or encoding
+    than its name says, no `prompt` column, a column twice, or columns that are neither request
+    fields nor `allowed`. Returns whether it has rows."""
     from kinoray.models.request import REQUEST_COLUMNS
 
     try:
+        _sniff(file)
         names = _peek_columns(file)
     except InputError:
         raise
@@ -135,16 +141,39 @@ def check(file: PromptFile, allowed: Sequence[str] = ()) -> None:
     except Exception as exc:
         raise InputError(f"{file.url}: cannot read as {file.format}: {type(exc).__name__}: {exc}") from None
     if names is None:
-        raise InputError(f"{file.url}: the table has no rows")
+        return False
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InputError(f"{file.url}: column(s) {', '.join(map(repr, twice))} appear more than once")
     if "prompt" not in names:
         raise InputError(f"{file.url}: no 'prompt' column (columns: {', '.join(names) or 'none'})")
     unknown = [c for c in names if c not in REQUEST_COLUMNS and c not in allowed]
     if unknown:
         raise InputError(
-            f"{file.url}: unknown column(s) {', '.join(unknown)}; known: {', '.join(REQUEST_COLUMNS)}"
+            f"{file.url}: unknown column(s) {', '.join(map(repr, unknown))}; known: {', '.join(REQUEST_COLUMNS)}"
             + (f", and the passthrough columns {', '.join(allowed)}" if allowed else "")
             + " (batch.passthrough_columns carries other columns into the manifest)"
         )
+    return True
+
+
+def _sniff(file: PromptFile) -> None:
+    """Refuse a text table whose first bytes show another format or encoding than its name says."""
+    if file.format == "parquet":
+        return
+    with _open(file) as f:
+        head = f.read(4096)
+    if head.startswith(b"PAR1"):
+        raise InputError(f"{file.url}: is a Parquet file; name it .parquet")
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in head:
+        kind = 'UTF-16 text (Excel\'s "Unicode text")' if head[:2] in (b"\xff\xfe", b"\xfe\xff") else "binary"
+        raise InputError(f"{file.url}: is {kind}, not UTF-8 {file.format.upper()}; save it as UTF-8")
+    if file.format in ("csv", "tsv"):
+        first = head.split(b"\n", 1)[0].decode("utf-8", "replace")
+        if "prompt" in first and file.format == "csv" and ";" in first and "," not in first:
+            raise InputError(
+                f"{file.url}: the header is separated by ';'; save it with ',' (or as .tsv with tabs)"
+            )
 
 
 def _peek_columns(file: PromptFile) -> list[str] | None:
@@ -244,10 +273,15 @@ def _jsonl_rows(f: Any) -> Iterator[tuple[str | None, str | None]]:
             yield None, f"not valid UTF-8: {exc}"
 
 
+def _refuse_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON (pandas writes null for a missing value): a bad value here.
+    raise ValueError(f"not a JSON object: {name} is not a JSON number")
+
+
 def parse_row(raw: str) -> dict[str, Any]:
     """A raw row (JSON text) as an object; raises ValueError saying what it is instead."""
     try:
-        obj = json.loads(raw)
+        obj = json.loads(raw, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
         raise ValueError(f"not a JSON object: {exc}") from None
     if not isinstance(obj, dict):

@@ -203,6 +203,11 @@ class JobState:
         if saved is not None and saved[0] == digest:
             self.counts["resumed"] += 1
             return saved[1]
+        if saved is not None and not self.dry_run:
+            # The row changed since its latents were saved: they can never be used.
+            fs, path = fsspec.core.url_to_fs(saved[1])
+            fs.rm(path)
+            del self.saved_latents[rid]
         return None
 
     def _output(self, row: dict[str, Any]) -> str:

@@ -111,6 +111,23 @@ def test_rows_that_never_decode_keep_their_latents_and_the_rerun_skips_the_denoi
     assert settled("kinoray_latents_saved_total", frontend="bulk") == 2
 
 
+def test_a_dry_run_counts_saved_latents_and_a_changed_row_drops_them(ray_session, tmp_path):
+    out = tmp_path / "out"
+    path = table(tmp_path / "p.jsonl", 3, "t")
+    first = run_job(str(path), str(out), config("ids=t1"), progress=False)
+    assert (first.ok, first.denoised) == (2, 1)
+    plan = run_job(str(path), str(out), config(), progress=False, dry_run=True)
+    assert "to generate: 1 (1 decoded from saved latents)" in plan.render()
+    assert (out / "latents" / "t1.safetensors").exists()  # a dry run deletes nothing
+    # t1's prompt changes: its saved latents can never be used, and go.
+    path.write_text(path.read_text().replace('"clip 1"', '"clip 1, edited"'))
+    second = run_job(str(path), str(out), config(), progress=False)
+    assert (second.ok, second.resumed, second.skipped) == (1, 0, 2)
+    assert not (out / "latents" / "t1.safetensors").exists()
+    row = next(r for r in manifest.read(str(out)).to_pylist() if r["id"] == "t1")
+    assert row["status"] == "ok" and row["prompt"] == "clip 1, edited" and row["denoise_s"] > 0
+
+
 def test_online_decode_retries_or_keeps_the_latents_until_the_video_is_deleted(serve_base, tmp_path):
     import openai
     from ray import serve

@@ -86,10 +86,12 @@ def batch_command(prompts, out):
     ]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"]
+)
 def test_a_stopped_job_keeps_every_video_it_wrote(tmp_path, sig):
-    """Ctrl-C (SIGINT to the job's process group) or SIGKILL of a 40-row job once 10 videos
-    exist: the rerun generates exactly the rows without a video and ends like an uninterrupted run."""
+    """Ctrl-C (SIGINT to the job's process group), SIGTERM to the job's process (what a container
+    stop or `kill` sends) or SIGKILL of a 40-row job once 10 videos exist: the rerun generates exactly the rows without a video and ends like an uninterrupted run."""
     rows = 40
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(
@@ -120,7 +122,10 @@ def test_a_stopped_job_keeps_every_video_it_wrote(tmp_path, sig):
     while time.time() < deadline and len(list((out / "videos").glob("*.mp4"))) < 10:
         time.sleep(0.05)
     tree = psutil.Process(proc.pid).children(recursive=True)
-    os.killpg(proc.pid, sig)  # as Ctrl-C does: the driver and the local Ray cluster it started
+    if sig == signal.SIGTERM:
+        os.kill(proc.pid, sig)
+    else:
+        os.killpg(proc.pid, sig)  # as Ctrl-C does: the driver and the local Ray cluster it started
     stdout, stderr = proc.communicate(timeout=120)
     # Workers orphaned by a SIGKILL notice their raylet is gone and exit: wait for all of them,
     # so that no video is written after the listing below.
@@ -129,13 +134,14 @@ def test_a_stopped_job_keeps_every_video_it_wrote(tmp_path, sig):
         p.kill()
     written = {p.name: p.stat().st_mtime_ns for p in (out / "videos").glob("*.mp4")}
     assert 10 <= len(written) < rows, "the job finished before it could be stopped"
-    if sig == signal.SIGINT:
-        assert proc.returncode == 130
+    if sig != signal.SIGKILL:
+        name = signal.Signals(sig).name
+        assert proc.returncode == {"SIGINT": 130, "SIGTERM": 143}[name], stderr[-2000:]
         lines = [
             line for line in stderr.splitlines() if line.strip() and "kinoray:" in line and "%|" not in line
         ]
-        assert lines and lines[-1].startswith("kinoray: stopped by SIGINT"), stderr[-2000:]
-        assert "Traceback" not in stderr
+        assert lines and lines[-1].startswith(f"kinoray: stopped by {name}"), stderr[-2000:]
+        assert "Traceback" not in stderr and "SIGTERM received" not in stderr
 
     res = subprocess.run(batch_command(prompts, out), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -38,6 +38,10 @@ MISTAKES = {
         lambda d: ["generate", "a fox", "--config", write(d / "c.yaml", "decoder: {tile_sise: 64}\n")],
         "unknown key 'decoder.tile_sise' (known: ",
     ),
+    "bad fault setting": (
+        lambda d: ["generate", "a fox", "--config", write(d / "c.yaml", "decoder: {testing_oom: every=x}\n")],
+        "every must be a whole number of calls",
+    ),
     "missing config file": (
         lambda d: ["generate", "a fox", "--config", str(d / "nope.yaml")],
         "nope.yaml: No such file or directory",

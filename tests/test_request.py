@@ -110,6 +110,8 @@ def test_numeric_strings_and_integral_floats_are_accepted():
         ({"id": "a/b"}, "id", "letters, digits"),
         ({"id": ""}, "id", "letters, digits"),
         ({"colour": "red"}, "colour", "unknown field"),
+        ({"prompt": "caf\udce9 au lait"}, "prompt", "not valid UTF-8 (is the file in another encoding"),
+        ({"prompt": "a cat \ud83d then text"}, "prompt", "a lone surrogate"),
         ({"height": 2048, "width": 2048, "num_frames": 257}, "num_frames", "pixel-frames"),
     ],
 )

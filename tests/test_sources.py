@@ -132,7 +132,7 @@ def test_bad_rows_are_rows(tmp_path):
 
 def test_passthrough_columns_are_allowed_when_named(tmp_path):
     path = tables.jsonl(tmp_path / "p.jsonl", [{"prompt": "x", "caption_id": 7}])
-    with pytest.raises(InputError, match="unknown column.s. caption_id"):
+    with pytest.raises(InputError, match="unknown column.s. 'caption_id'"):
         resolve(str(path))
     assert resolve(str(path), ["caption_id"]) == [PromptFile(str(path), "jsonl")]
 
@@ -144,7 +144,10 @@ def test_passthrough_columns_are_allowed_when_named(tmp_path):
         ("p.txt", "prompt\nhi\n", "unknown prompt table format"),
         ("p.csv", "text,seed\nhi,1\n", "no 'prompt' column"),
         ("p.jsonl", '{"text": "hi"}\n', "no 'prompt' column"),
-        ("p.csv", "prompt,colour\nhi,red\n", "unknown column(s) colour"),
+        ("p.csv", "prompt,colour\nhi,red\n", "unknown column(s) 'colour'"),
+        ("p.csv", "prompt, seed\nhi,1\n", "unknown column(s) ' seed'"),
+        ("p.csv", "prompt,prompt\na,b\n", "column(s) 'prompt' appear more than once"),
+        ("p.csv", "id;prompt;seed\na;hi;1\n", "separated by ';'"),
         ("p.csv", "prompt\n", "no rows"),
         ("p.jsonl", "", "no rows"),
         ("p.parquet", "this is not parquet", "cannot read as parquet"),
@@ -162,3 +165,39 @@ def test_an_empty_folder_is_refused(tmp_path):
     (tmp_path / "_SUCCESS").write_text("")
     with pytest.raises(InputError, match="no prompt tables"):
         resolve(str(tmp_path))
+
+
+def test_empty_parts_of_a_folder_hold_no_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tables.spark_folder(tmp_path / "parts", ROWS, parts=1)
+    empty = pa.Table.from_pylist(ROWS).slice(0, 0)
+    pq.write_table(empty, folder / "part-00001-6f1c2b9e-c000.snappy.parquet")
+    (folder / "part-00002.json").write_text("")
+    (folder / "part-00003.csv").write_text("prompt,seed\n")
+    assert [name for name, _, _ in read_all(str(folder))] == ["part-00000-6f1c2b9e-c000.snappy.parquet"] * 3
+    # A folder of empty parts only has no rows at all.
+    (folder / "part-00000-6f1c2b9e-c000.snappy.parquet").unlink()
+    with pytest.raises(InputError, match="no rows"):
+        resolve(str(folder))
+
+
+def test_a_table_in_another_format_or_encoding_than_its_name_says(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "fake.csv")
+    with pytest.raises(InputError, match="is a Parquet file; name it .parquet"):
+        resolve(str(tmp_path / "fake.csv"))
+    (tmp_path / "excel.csv").write_bytes(
+        "prompt\tseed\r\nhi\t1\r\n".encode("utf-16")
+    )  # Excel's "Unicode text"
+    with pytest.raises(InputError, match="is UTF-16 text .* save it as UTF-8"):
+        resolve(str(tmp_path / "excel.csv"))
+
+
+def test_nan_and_infinity_in_json_are_bad_values():
+    for raw in ('{"prompt": "x", "guidance_scale": NaN}', '{"prompt": "x", "seed": Infinity}'):
+        with pytest.raises(ValueError, match="is not a JSON number"):
+            parse_row(raw)

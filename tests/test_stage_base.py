@@ -214,3 +214,14 @@ def test_a_batch_in_which_every_row_failed_joins_the_good_batches_in_ray_data():
     joined = BlockAccessor.for_block(concat(blocks)).to_numpy()
     assert [f.size > 0 for f in joined["frames"]] == [False, True, True]
     assert [x.size > 0 for x in joined["latents"]] == [True, False, False]  # kept to be saved
+
+
+def test_a_forced_whole_frame_plan_still_isolates_the_row_that_does_not_fit(monkeypatch):
+    monkeypatch.setenv("KINORAY_TESTING_DECODE_OOM", "ids=r1")
+    adapter = FakeAdapter()
+    batch = Denoiser(adapter=adapter)(
+        TextEncoder(adapter=adapter)(requests_to_batch([request(i) for i in range(3)]))
+    )
+    out = Decoder(adapter=adapter, plan="whole")(batch)
+    assert list(out["error_reason"]) == ["", "out_of_memory", ""]
+    assert all(not c[2] for c in adapter.calls if c[0] == "decode")  # never tiled
