@@ -31,7 +31,7 @@ run: install
 	@echo "outputs: $(OUT)/run/videos/ (one file per row) and $(OUT)/run/manifest/ (Parquet)"
 
 test: install
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=12
 
 # The lane without Ray: request contract, stages, families, tables, API parsing (~1 minute).
 test-fast: install

@@ -42,9 +42,10 @@ VALIDATE_CPUS = 0.5
 BLOCK_BYTES = 1 << 20
 
 
-class JobInterrupted(Exception):
+class JobInterrupted(BaseException):
     """The job was stopped by a signal; `code` is the exit code (130 SIGINT, 143 SIGTERM) and
-    `summary` what was finished and recorded before it stopped."""
+    `summary` what was finished and recorded before it stopped. A BaseException, like
+    KeyboardInterrupt: a request to stop, not an error for code in between (Ray Data's) to log."""
 
     def __init__(self, signal_name: str, code: int):
         super().__init__(signal_name)

@@ -142,6 +142,8 @@ def check(file: PromptFile, allowed: Sequence[str] = ()) -> bool:
         raise InputError(f"{file.url}: cannot read as {file.format}: {type(exc).__name__}: {exc}") from None
     if names is None:
         return False
+    if not names:  # the first rows are all unreadable or empty: each fails as its own row
+        return True
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise InputError(f"{file.url}: column(s) {', '.join(map(repr, twice))} appear more than once")
@@ -273,15 +275,10 @@ def _jsonl_rows(f: Any) -> Iterator[tuple[str | None, str | None]]:
             yield None, f"not valid UTF-8: {exc}"
 
 
-def _refuse_constant(name: str) -> Any:
-    # NaN and Infinity are not JSON (pandas writes null for a missing value): a bad value here.
-    raise ValueError(f"not a JSON object: {name} is not a JSON number")
-
-
 def parse_row(raw: str) -> dict[str, Any]:
     """A raw row (JSON text) as an object; raises ValueError saying what it is instead."""
     try:
-        obj = json.loads(raw, parse_constant=_refuse_constant)
+        obj = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ValueError(f"not a JSON object: {exc}") from None
     if not isinstance(obj, dict):

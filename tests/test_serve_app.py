@@ -179,7 +179,10 @@ def test_eight_concurrent_requests_of_mixed_shapes(client, local, server):
 
 
 def test_models_and_health(client, server):
-    assert [m.id for m in client.models.list().data] == ["tiny-wan", "sora-2", "sora-2-pro"]
+    assert [m.id for m in client.models.list().data] == [
+        "tiny-wan",
+        *("sora-2", "sora-2-pro", "gpt-image-1", "gpt-image-1-mini", "dall-e-3", "dall-e-2"),
+    ]
     assert requests.get(f"{server}/healthz").json()["status"] == "ok"
     doc = requests.get(f"{server}/openapi.json").json()
     assert {"/v1/videos", "/v1/videos/{video_id}", "/v1/videos/{video_id}/content"} <= set(doc["paths"])
