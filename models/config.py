@@ -5,6 +5,7 @@ Every section rejects keys it does not know, so a typo fails at load time with i
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -114,7 +115,8 @@ class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     storage: str = Field(
-        default="file://./kinoray-store", description="fsspec URL for job records and videos"
+        default_factory=lambda: os.environ.get("KINORAY_STORAGE", "file://./kinoray-store"),
+        description="fsspec URL for job records and videos (default: $KINORAY_STORAGE, else ./kinoray-store)",
     )
     api_keys: list[str] = Field(default_factory=list, description="bearer tokens; empty means no auth")
     host: str = "127.0.0.1"

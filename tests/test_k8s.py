@@ -68,6 +68,17 @@ def base_documents():
             continue
         docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
     # What the base's configMapGenerator makes.
+    settings = next(
+        g for g in yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())["configMapGenerator"]
+    )
+    docs.append(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": settings["name"]},
+            "data": dict(item.split("=", 1) for item in settings["literals"]),
+        }
+    )
     for name, files in (
         ("kinoray-config", ["job.yaml"]),
         ("kinoray-grafana-dashboard", ["grafana-dashboard.json"]),
@@ -113,7 +124,7 @@ def test_every_manifest_validates_strictly(variant):
     schemas = crd_schemas()
     docs = base_documents() if variant == "base" else built(variant)
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ConfigMap", "ConfigMap", "PodMonitor", "RayCluster", "RayJob", "RayService"]
+    assert kinds == ["ConfigMap"] * 3 + ["PodMonitor", "RayCluster", "RayJob", "RayService"]
     for doc in docs:
         validate(doc, schemas)
         # Pod templates are core objects: validate them as Pods too.
@@ -196,3 +207,50 @@ def test_storage_credentials_come_from_a_secret_reference():
         for template in pod_templates(doc):
             for c in template["spec"]["containers"]:
                 assert {"secretRef": {"name": "kinoray-storage"}} in c["envFrom"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_an_overlay_names_its_buckets_in_one_place(overlay, tmp_path):
+    """Buckets set once in the overlay's kinoray-settings reach the job's entrypoint and, as
+    $KINORAY_STORAGE, the Serve app's job store."""
+    import shutil as sh
+
+    copy = tmp_path / "k8s"
+    sh.copytree(K8S, copy)
+    kustomization = copy / "overlays" / overlay / "kustomization.yaml"
+    text = kustomization.read_text()
+    for key, url in (
+        ("PROMPTS", "s3://acme-in/p.parquet"),
+        ("OUTPUT", "s3://acme-out/r2"),
+        ("STORAGE", "gs://acme-api"),
+    ):
+        text = "\n".join(
+            f"      - KINORAY_{key}={url}" if line.strip().startswith(f"- KINORAY_{key}=") else line
+            for line in text.splitlines()
+        )
+    kustomization.write_text(text + "\n")
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with kustomize) is not installed: overlays cannot be built here")
+    out = subprocess.run(
+        [kubectl, "kustomize", str(copy / "overlays" / overlay)], capture_output=True, text=True, check=True
+    )
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    job = next(d for d in docs if d["kind"] == "RayJob")
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[2] == "s3://acme-in/p.parquet" and argv[argv.index("--output") + 1] == "s3://acme-out/r2"
+    settings = next(
+        d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "kinoray-settings"
+    )
+    assert settings["data"]["KINORAY_STORAGE"] == "gs://acme-api"
+    service = next(d for d in docs if d["kind"] == "RayService")
+    for template in pod_templates(service):
+        refs = [e.get("configMapRef", {}).get("name") for e in template["spec"]["containers"][0]["envFrom"]]
+        assert "kinoray-settings" in refs
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert "storage" not in serve_config["applications"][0]["args"]["config"]["serve"]
+
+
+def test_the_serve_store_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("KINORAY_STORAGE", "gs://acme-api")
+    assert KinorayConfig().serve.storage == "gs://acme-api"
