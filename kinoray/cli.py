@@ -60,15 +60,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"--output: {request.sampling.num_frames} frame(s) are written as {suffix}, "
             f"so name it {os.path.splitext(args.output)[0]}{suffix}"
         )
-    pipeline = LocalPipeline(config, builder)
-    start = time.perf_counter()
-    out = pipeline.run([request])
+    output = args.output or f"{request.id}{suffix}"
+    _check_output(output)
+    if config.model.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {config.model.device}: this torch build sees no CUDA device")
+    # Ctrl-C is noted and acted on once the running torch call returns: a KeyboardInterrupt
+    # raised inside torch or a finalizer can be swallowed, and the video written anyway.
+    stop = _NoteSigint()
+    with stop:
+        pipeline = LocalPipeline(config, builder)
+        start = time.perf_counter()
+        out = pipeline.run([request])
+    if stop.seen:
+        raise KeyboardInterrupt
     if out["error"][0]:
         print(f"error: {out['error'][0]}", file=sys.stderr)
         return 1
-    output = args.output or f"{request.id}{suffix}"
-    with fsspec.open(output, "wb") as f:
-        f.write(encode_video(out["frames"][0], request.sampling.fps))
+    try:
+        with fsspec.open(output, "wb") as f:
+            f.write(encode_video(out["frames"][0], request.sampling.fps))
+    except (OSError, ValueError, ImportError) as exc:
+        raise UserError(f"--output {output}: {type(exc).__name__}: {exc}") from None
     s = request.sampling
     print(
         json.dumps(
@@ -79,11 +94,54 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 "size": f"{s.width}x{s.height}",
                 "frames": s.num_frames,
                 "fps": s.fps,
-                "seconds": round(time.perf_counter() - start, 3),
+                "wall_s": round(time.perf_counter() - start, 3),
             }
         )
     )
     return 0
+
+
+def _check_output(output: str) -> None:
+    """Refuse a local output path that cannot be written, before any model loads."""
+    if "://" in output:
+        return
+    folder = os.path.dirname(os.path.abspath(output))
+    if os.path.isdir(output):
+        raise UserError(f"--output {output}: is a folder; give a file name")
+    if not os.path.isdir(folder):
+        raise UserError(f"--output {output}: no folder {folder}")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"--output {output}: cannot write to {folder}")
+
+
+class _NoteSigint:
+    """While active, SIGINT sets `seen` and interrupts at the next Python step. An interrupt
+    that lands in a finalizer (where Python can only print and drop it) is dropped quietly:
+    `seen` still stops the command."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __enter__(self) -> _NoteSigint:
+        import signal
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            self.seen = True
+            raise KeyboardInterrupt
+
+        def unraisable(info: Any) -> None:
+            if not isinstance(info.exc_value, KeyboardInterrupt):
+                self._hook(info)
+
+        self._previous = signal.signal(signal.SIGINT, on_sigint)
+        self._hook, sys.unraisablehook = sys.unraisablehook, unraisable
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        signal.signal(signal.SIGINT, self._previous)
+        sys.unraisablehook = self._hook
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
@@ -183,7 +241,13 @@ def _add_request_flags(p: argparse.ArgumentParser) -> None:
         if name in shown:
             default += f"; {shown[name]} for {tiny.DEFAULT_MODEL}"
         p.add_argument(
-            *flags, dest=name, type=field_type(info), help=f"{info.description} (default: {default})"
+            *flags,
+            dest=name,
+            type=field_type(info),
+            # A description may name its own default (guidance_scale_2: guidance_scale's value).
+            help=info.description
+            if "(default:" in str(info.description)
+            else f"{info.description} (default: {default})",
         )
 
 

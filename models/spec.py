@@ -65,6 +65,21 @@ class ModelSpec(BaseModel):
             raise ValueError(
                 f"{v!r} is not a preset ({', '.join(tiny.preset_names())}), a local folder or a hub id (org/name)"
             )
+        local = os.path.expanduser(v)
+        if v.startswith((os.sep, ".", "~")) or os.path.isdir(local):  # a path, not a hub id
+            if not os.path.isdir(local):
+                raise ValueError(f"no such folder: {v}")
+            if not os.path.isfile(os.path.join(local, "model_index.json")):
+                raise ValueError(f"{v} is not a diffusers pipeline folder (it has no model_index.json)")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?|xpu(:\d+)?", v):
+            raise ValueError(f"unknown device {v!r}; use auto, cpu, cuda, cuda:N, mps or xpu")
         return v
 
     @field_validator("family")
@@ -94,8 +109,13 @@ class ModelSpec(BaseModel):
         """A JSON config file of the checkpoint, without loading any weights."""
         path = self.path
         if os.path.isdir(path):
-            with open(os.path.join(path, subfolder or "", name)) as f:
-                return json.load(f)
+            try:
+                with open(os.path.join(path, subfolder or "", name)) as f:
+                    return json.load(f)
+            except (OSError, json.JSONDecodeError) as exc:
+                raise ModelError(
+                    f"{self.weights}: cannot read {os.path.join(subfolder or '', name)}: {exc}"
+                ) from None
         with open(_hub_file(path, name, subfolder, self.revision)) as f:
             return json.load(f)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+import fsspec
 import pyarrow as pa
 
 from kinoray.models.config import KinorayConfig, StageConfig
@@ -30,7 +31,7 @@ from kinoray.models.request import RequestBuilder
 from kinoray.models.stages import RESUME_COLUMN, Decoder, Denoiser, TextEncoder
 from kinoray.pipelines import manifest
 from kinoray.pipelines.progress import JobMetrics
-from kinoray.pipelines.sources import PromptFile, PromptTables, resolve
+from kinoray.pipelines.sources import InputError, PromptFile, PromptTables, resolve
 from kinoray.pipelines.state import DECISION_COLUMNS, JobState
 from kinoray.pipelines.validate import sampling_order, validate_rows
 from kinoray.pipelines.writer import LATENTS_PATH, load_saved_latents, write_videos
@@ -109,6 +110,18 @@ class JobSummary:
             f"stage busy time: {busy}\n"
             f"manifest: {manifest.join(self.output, manifest.MANIFEST_DIR)}"
         )
+
+
+def _check_output(output: str, dry_run: bool) -> None:
+    """Refuse an output that cannot be a folder, before Ray starts (a dry run creates nothing)."""
+    fs, root = fsspec.core.url_to_fs(output)
+    if fs.exists(root) and not fs.isdir(root):
+        raise InputError(f"--output {output}: is a file, not a folder")
+    if not dry_run and "file" in fs.protocol:  # object stores have no folders to create
+        try:
+            fs.makedirs(root, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"--output {output}: cannot create the folder: {exc}") from None
 
 
 def state_name(run: str) -> str:
@@ -274,6 +287,7 @@ def run_job(
     start = time.perf_counter()
     passthrough = list(config.batch.passthrough_columns)
     files = resolve(prompts, passthrough)
+    _check_output(output, dry_run)
     builder = config.request_builder()  # the checkpoint's configs only; no weights
     run = _run_id()
     started = _init_ray(config, ray_address, num_cpus, dry_run, verbose)

@@ -70,6 +70,30 @@ MISTAKES = {
         lambda d: ["generate", "a fox", "--height", "100"],
         "height: must be a multiple of 16",
     ),
+    "a model folder that is not there": (
+        lambda d: ["generate", "a fox", "--model", "./no-such-model"],
+        "--model: no such folder: ./no-such-model",
+    ),
+    "a folder that is not a pipeline": (
+        lambda d: ["generate", "a fox", "--model", str(d)],
+        "is not a diffusers pipeline folder (it has no model_index.json)",
+    ),
+    "an unknown device": (
+        lambda d: ["generate", "a fox", "--device", "tpu"],
+        "--device: unknown device 'tpu'",
+    ),
+    "an output folder that is not there": (
+        lambda d: ["generate", "a fox", "-o", str(d / "missing" / "x.mp4")],
+        "--output " + "",
+    ),
+    "an output that is a folder": (
+        lambda d: ["generate", "a fox", "-o", str(d)],
+        "is a folder; give a file name",
+    ),
+    "a bulk output that is a file": (
+        lambda d: ["batch", write(d / "p.jsonl", '{"prompt": "x"}\n'), "-o", write(d / "out.txt", "")],
+        "is a file, not a folder",
+    ),
     "a prompt table that is not there": (
         lambda d: ["batch", str(d / "p.jsonl"), "-o", str(d / "o")],
         "p.jsonl",

@@ -9,7 +9,7 @@ import pkgutil
 from functools import lru_cache
 
 from kinoray.models.families.base import FAMILIES, FamilyAdapter, StageName
-from kinoray.models.spec import ModelInfo, ModelSpec
+from kinoray.models.spec import ModelError, ModelInfo, ModelSpec
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -21,7 +21,7 @@ def adapter_class(spec: ModelSpec) -> type[FamilyAdapter]:
         return next(a for a in FAMILIES.values() if a.name == spec.family)
     cls = spec.model_index.get("_class_name", "")
     if cls not in FAMILIES:
-        raise ValueError(
+        raise ModelError(
             f"{spec.weights}: pipeline class {cls!r} is not supported; supported: {', '.join(sorted(FAMILIES))}"
         )
     return FAMILIES[cls]
