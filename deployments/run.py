@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -18,11 +17,9 @@ def serve_forever(config: KinorayConfig, address: str | None = None, verbose: bo
     from ray.serve.schema import LoggingConfig
 
     from kinoray.deployments.app import build
-    from kinoray.models.cluster import connect
+    from kinoray.models.cluster import connect, local_cpus
 
-    stages = (config.encoder, config.denoiser, config.decoder)
-    need = int(sum(s.num_cpus * max(1, s.min_replicas) for s in stages) + 2)
-    started = connect(config, address, max(os.cpu_count() or 1, need), verbose)
+    started = connect(config, address, local_cpus(config, extra=2), verbose)
     logs = LoggingConfig(log_level="INFO" if verbose else "WARNING")
     serve.start(http_options={"host": config.serve.host, "port": config.serve.port}, logging_config=logs)
     serve.run(build(config), name="kinoray", route_prefix="/", logging_config=logs)

@@ -34,6 +34,17 @@ def quiet(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
 
 
+def local_cpus(config: KinorayConfig, extra: float, stages: bool = True) -> int:
+    """Logical CPUs for a local cluster: this machine's cores, or more when the stage replicas'
+    minimum asks for more (plus `extra` for readers, writers or the ingress), so that every
+    actor is scheduled even on a small machine."""
+    import math
+
+    pools = (config.encoder, config.denoiser, config.decoder) if stages else ()
+    need = math.ceil(sum(s.num_cpus * max(1, s.min_replicas) for s in pools) + extra)
+    return max(os.cpu_count() or 1, need)
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as sock:
         try:

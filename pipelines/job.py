@@ -13,8 +13,6 @@ videos + manifest, streamed by Ray Data so that the driver never holds the table
 from __future__ import annotations
 
 import logging
-import math
-import os
 import sys
 import threading
 import time
@@ -253,13 +251,11 @@ def _init_ray(
     verbose: bool = False,
 ) -> bool:
     """Connect to Ray; returns whether this call started a local cluster."""
-    from kinoray.models.cluster import connect
+    from kinoray.models.cluster import connect, local_cpus
 
-    # A local cluster gets enough logical CPUs for one actor per stage plus readers and writers
-    # (a dry run starts no stage: its validation tasks get the cores).
-    stages = () if dry_run else (config.encoder, config.denoiser, config.decoder)
-    need = math.ceil(sum(s.num_cpus * max(1, s.min_replicas) for s in stages) + 1)
-    return connect(config, address, num_cpus or max(os.cpu_count() or 1, need), verbose)
+    # A dry run starts no stage: its validation tasks get the cores.
+    cpus = num_cpus or local_cpus(config, extra=1, stages=not dry_run)
+    return connect(config, address, cpus, verbose)
 
 
 def run_job(
