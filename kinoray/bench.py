@@ -147,7 +147,7 @@ def diffusers_loop(config: KinorayConfig, reqs: list[GenerationRequest], out: Pa
         clock = Clock()
         pipe = load_pipeline(spec)
         for r in reqs:
-            _write(out, r.id, adapter.generate(pipe, [r])[0], r.sampling.fps)
+            _write(out, r.id, adapter.generate(spec, pipe, [r])[0], r.sampling.fps)
             clock.finished()
     return clock.result("diffusers loop", mem.peak)
 
@@ -159,6 +159,7 @@ class WholePipeline:
         from kinoray.models.families import adapter_class, load_pipeline
 
         spec = ModelSpec(**model)
+        self.spec = spec
         self.adapter = adapter_class(spec)
         self.pipe = load_pipeline(spec)
         self.out = Path(out)
@@ -167,7 +168,7 @@ class WholePipeline:
         from kinoray.models.stages import batch_to_rows
 
         reqs = [GenerationRequest.from_row(r) for r in batch_to_rows(batch)]
-        for r, frames in zip(reqs, self.adapter.generate(self.pipe, reqs)):
+        for r, frames in zip(reqs, self.adapter.generate(self.spec, self.pipe, reqs)):
             _write(self.out, r.id, frames, r.sampling.fps)
         return {"id": batch["id"]}
 

@@ -202,6 +202,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kinoray.evaluate import main as eval_main
+
+    return eval_main(args)
+
+
+def cmd_train_shapes(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kinoray.models.shapes_train import TrainSettings, train
+
+    names = TrainSettings.__dataclass_fields__
+    settings = TrainSettings(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    record = train(Path(args.output), settings, log=lambda line: print(line, flush=True))
+    print(json.dumps({k: v for k, v in record.items() if k != "settings"}, indent=2))
+    return 0
+
+
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     from kinoray.models import tiny
 
@@ -322,6 +340,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --startup: also time another kinoray checkout (first on PYTHONPATH), interleaved",
     )
     k.set_defaults(func=cmd_bench)
+
+    t = sub.add_parser(
+        "train-shapes", help="train the shapes-wan preset from scratch on rendered scenes (CPU, ~30 min)"
+    )
+    t.add_argument("-o", "--output", required=True, help="checkpoint folder to write")
+    from kinoray.models.shapes_train import TrainSettings
+
+    for name, f in TrainSettings.__dataclass_fields__.items():
+        t.add_argument(f"--{name.replace('_', '-')}", type=type(f.default), help=f"(default: {f.default})")
+    t.set_defaults(func=cmd_train_shapes)
+
+    e = sub.add_parser(
+        "eval", help="prompt adherence of a shapes model: colour, motion and shape read from its frames"
+    )
+    e.add_argument(
+        "--model", dest="weights", metavar="WEIGHTS", help="a shapes checkpoint (default: shapes-wan)"
+    )
+    e.add_argument("--device", help="cpu, cuda, ... (default: cuda when available, else cpu)")
+    e.add_argument(
+        "--variants",
+        default="default",
+        help="comma-separated: default, first_block_cache, tiled_decode, half_steps, bfloat16; or all "
+        "(default: default)",
+    )
+    e.add_argument(
+        "--limit", type=int, help="the first N prompts of each set (default: all, 45 seen + 15 held out)"
+    )
+    e.add_argument(
+        "--prompts",
+        nargs="+",
+        metavar="JSONL",
+        help="prompt tables to score instead of the built-in sets (rows whose prompt names a colour, "
+        "a shape and a motion)",
+    )
+    e.add_argument("--out", help="also write the results as JSON here")
+    e.add_argument("--strip", metavar="PNG", help="also write the first variant's videos as rows of frames")
+    e.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -25,21 +25,23 @@ from typing import Any
 DEFAULTS_FILE = "kinoray.json"
 # Bumped whenever a preset changes, so a cached build of an older preset is never reused.
 BUILDER_VERSION = 4
-DEFAULT_MODEL = "tiny-wan"
+DEFAULT_MODEL = "shapes-wan"
 
 
 @dataclass(frozen=True)
 class Preset:
-    """A named model that kinoray builds itself: `build()` returns a diffusers pipeline.
+    """A named model that kinoray builds itself (`build()` returns a diffusers pipeline) or ships
+    trained (`folder` holds its checkpoint).
 
     `tested` presets are in the test matrix; heavier ones (for benchmarks) are not.
     """
 
     name: str
-    build: Callable[[], Any]
+    build: Callable[[], Any] | None
     defaults: dict[str, Any]
     limits: dict[str, Any] = field(default_factory=dict)
     tested: bool = True
+    folder: Path | None = None
 
 
 PRESETS: dict[str, Preset] = {}
@@ -55,6 +57,13 @@ def preset(
         return build
 
     return register
+
+
+def shipped(name: str, folder: Path) -> None:
+    """Register the trained checkpoint in `folder` as preset `name`; its request defaults and
+    limits are the ones written beside its weights (`kinoray.json`)."""
+    declared = json.loads((folder / DEFAULTS_FILE).read_text())
+    PRESETS[name] = Preset(name, None, declared["defaults"], declared.get("limits", {}), True, folder)
 
 
 def _registry() -> dict[str, Preset]:
@@ -83,6 +92,7 @@ def cache_dir() -> Path:
 def build(name: str, dest: Path) -> Path:
     """Build preset `name` into `dest` (atomically: concurrent builders never see half a model)."""
     spec = _registry()[name]
+    assert spec.build is not None, f"{name} is shipped, not built"
     pipe = spec.build()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=dest.parent))
@@ -101,7 +111,10 @@ def build(name: str, dest: Path) -> Path:
 
 
 def ensure(name: str) -> Path:
-    """The local folder of preset `name`, built on first use."""
+    """The local folder of preset `name`: the shipped checkpoint, or a build made on first use."""
+    folder = _registry()[name].folder
+    if folder is not None:
+        return folder
     dest = cache_dir() / f"{name}-v{BUILDER_VERSION}"
     if not (dest / "model_index.json").exists():
         build(name, dest)

@@ -229,7 +229,7 @@ def test_serve_run_with_the_example_serve_config_comes_up_on_two_cpus(tmp_path):
                 break
             except (requests.ConnectionError, requests.Timeout):  # starting, or queued until it is
                 time.sleep(1)
-        assert health == {"status": "ok", "model": "tiny-wan", "jobs_in_flight": 0}, serve.poll()
+        assert health == {"status": "ok", "model": "shapes-wan", "jobs_in_flight": 0}, serve.poll()
         assert videos["status"] == "queued"
         while videos["status"] not in ("completed", "failed") and time.time() < deadline:
             time.sleep(0.5)

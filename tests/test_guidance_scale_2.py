@@ -27,7 +27,7 @@ def test_staged_equals_monolithic_with_guidance_scale_2(local):
     assert req.sampling.guidance_scale_2 == 1.0
     got = local.run([req])["frames"][0]
     spec = local.config.model
-    ref = adapter_class(spec).generate(load_pipeline(spec), [req])[0]
+    ref = adapter_class(spec).generate(spec, load_pipeline(spec), [req])[0]
     assert np.abs(got.astype(int) - ref.astype(int)).max() <= 1
     # ... and it changes the result: the low-noise expert ran with another scale.
     plain = local.run([local.request(prompt="two experts", seed=5, guidance_scale=5.0)])["frames"][0]

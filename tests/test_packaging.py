@@ -36,6 +36,10 @@ def test_the_wheel_holds_only_the_kinoray_package(tmp_path):
     assert {"kinoray/models/request.py", "kinoray/pipelines/job.py", "kinoray/deployments/app.py"} <= set(
         names
     )
+    # ... and so does the shipped default model, every file its checksums list.
+    shipped = (ROOT / "models" / "weights" / "shapes-wan" / "SHA256SUMS").read_text().splitlines()
+    for line in shipped + ["x  SHA256SUMS"]:
+        assert f"kinoray/models/weights/shapes-wan/{line.split('  ', 1)[1]}" in names
 
 
 def test_generate_beside_a_users_own_models_package(tmp_path):

@@ -24,7 +24,7 @@ def reference(local, reqs):
     spec = local.config.model
     pipe = load_pipeline(spec)
     adapter = adapter_class(spec)
-    return [adapter.generate(pipe, [r])[0] for r in reqs]
+    return [adapter.generate(spec, pipe, [r])[0] for r in reqs]
 
 
 def test_staged_equals_monolithic_for_a_batch_of_three(local):

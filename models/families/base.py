@@ -3,6 +3,7 @@ diffusers pipeline, and run that stage."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -156,10 +157,11 @@ class FamilyAdapter:
         return args
 
     @classmethod
-    def generate(cls, pipe: Any, requests: Sequence[GenerationRequest]) -> np.ndarray:
+    def generate(cls, spec: ModelSpec, pipe: Any, requests: Sequence[GenerationRequest]) -> np.ndarray:
         """The monolithic pipeline's frames for requests of equal sampling: uint8 (N, T, H, W, 3).
 
         The reference the three stages must reproduce, and the baselines of `kinoray bench`.
+        `pipe` is `spec`'s pipeline, called as its model card shows.
         """
         import torch
 
@@ -168,14 +170,22 @@ class FamilyAdapter:
             negative_prompt=[r.negative_prompt for r in requests],
             generator=[torch.Generator().manual_seed(r.seed) for r in requests],
             output_type="np",
+            max_sequence_length=cls.text_tokens(spec),
             **cls.pipeline_args(requests[0].sampling),
         )
         frames = out.images[:, None] if cls.is_image_model else out.frames
         return to_uint8(frames)
 
-    @property
+    @classmethod
+    def text_tokens(cls, spec: ModelSpec) -> int:
+        """Text tokens, padding included: the config's, else the checkpoint's own (a model trained
+        at another length than its family's declares it in kinoray.json), else the family's."""
+        declared = cls._declared(spec).get("max_sequence_length")
+        return int(spec.max_sequence_length or declared or cls.default_max_sequence_length)
+
+    @functools.cached_property
     def max_sequence_length(self) -> int:
-        return self.spec.max_sequence_length or self.default_max_sequence_length
+        return self.text_tokens(self.spec)
 
     # -- loading ----------------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@ in Wan 2.2 A14B), causal 3D VAE."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from kinoray.models import tiny
@@ -136,3 +137,6 @@ tiny.preset(
     {"max_size": 256, "max_frames": 33},
     tested=False,
 )(lambda: tiny_wan(scale=4))
+
+# Trained by the project (`kinoray train-shapes`): draws the scenes of kinoray.models.scenes.
+tiny.shipped("shapes-wan", Path(__file__).resolve().parent.parent / "weights" / "shapes-wan")

@@ -1,0 +1,181 @@
+"""`kinoray eval`: prompt adherence of a shapes model, and of the settings that change its outputs.
+
+For each variant (the plain run, First Block Cache, tiled decoding, half the steps, bfloat16), the
+prompts of `scenes.prompt_set` are generated through `LocalPipeline` (the three stages, as in
+production) and read back with `adherence.read_frames`: the share of videos whose object has the
+prompt's colour, motion and shape, for colour-shape pairs seen in training and for held-out ones.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kinoray.models import adherence, scenes
+
+# Each variant: overrides of the config's sections (`model`, `decoder`) and of the request.
+VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "default": {},
+    "first_block_cache": {"model": {"cache": "first_block"}},
+    "tiled_decode": {"decoder": {"plan": "tiled", "tile_size": 32}},
+    "half_steps": {"request": {"num_inference_steps": 0.5}},  # a fraction of the model's default
+    "bfloat16": {"model": {"dtype": "bfloat16"}},
+}
+
+
+@dataclass(frozen=True)
+class Result:
+    """Adherence of one variant on one prompt set: accuracies in 0..1 over `prompts` videos."""
+
+    variant: str
+    prompts_set: str  # "seen", "held_out", or a prompt table's name
+    prompts: int
+    colour: float
+    motion: float
+    shape: float
+    seconds: float
+
+
+PromptSet = list[tuple[dict[str, Any], scenes.Scene]]  # (request fields, the scene they ask for)
+
+
+def builtin_sets() -> dict[str, PromptSet]:
+    """The colour-shape pairs seen in training (45 prompts) and the held-out pairs (15), one
+    prompt per pair and motion, seeds 0, 1, ..."""
+    return {
+        which: [
+            ({"prompt": s.caption(), "seed": i}, s)
+            for i, s in enumerate(scenes.prompt_set(which == "held_out"))
+        ]
+        for which in ("seen", "held_out")
+    }
+
+
+def table_set(path: str) -> PromptSet:
+    """The rows of a JSONL prompt table whose prompt names a colour, a shape and a motion
+    (`scenes.parse_caption`); the row's other request fields are kept, its `id` dropped."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            scene = scenes.parse_caption(str(row.get("prompt", "")))
+            if scene is not None:
+                rows.append(({k: v for k, v in row.items() if k != "id"}, scene))
+    return rows
+
+
+def evaluate(
+    prompt_sets: dict[str, PromptSet],
+    weights: str = "shapes-wan",
+    variants: Sequence[str] = ("default",),
+    limit: int | None = None,
+    device: str = "auto",
+    strips: list[tuple[str, Any]] | None = None,
+) -> list[Result]:
+    """Generate and score each prompt set under each variant.
+
+    `strips`, when given, receives (prompt, frames) of every video of the first variant.
+
+    `limit` takes the first N prompts of each set (None: all). Raises KeyError for an unknown
+    variant, `RequestError` for a row the model refuses.
+    """
+    from kinoray.models.config import KinorayConfig
+    from kinoray.models.local import LocalPipeline
+
+    results = []
+    for name in variants:
+        change = VARIANTS[name]
+        base = KinorayConfig.model_validate({"model": {"weights": weights, "device": device}})
+        config = KinorayConfig.model_validate(
+            {
+                "model": {**base.model.model_dump(), **change.get("model", {})},
+                "decoder": change.get("decoder", {}),
+            }
+        )
+        pipeline = LocalPipeline(config)
+        defaults = config.request_builder().defaults
+        request_change = {
+            k: max(1, round(float(v) * defaults[k])) for k, v in change.get("request", {}).items()
+        }
+        for which, rows in prompt_sets.items():
+            rows = rows[:limit]
+            requests = [pipeline.request(**{**fields, **request_change}) for fields, _ in rows]
+            start = time.perf_counter()
+            out = pipeline.run(requests)
+            seconds = time.perf_counter() - start
+            scores = [adherence.score(f, scene) for f, (_, scene) in zip(out["frames"], rows)]
+            if strips is not None and name == variants[0]:
+                strips.extend((fields["prompt"], f) for (fields, _), f in zip(rows, out["frames"]))
+            n = max(len(scores), 1)
+            results.append(
+                Result(
+                    name,
+                    which,
+                    len(scores),
+                    sum(s.colour for s in scores) / n,
+                    sum(s.motion for s in scores) / n,
+                    sum(s.shape for s in scores) / n,
+                    round(seconds, 2),
+                )
+            )
+    return results
+
+
+def frame_strip(videos: Sequence[tuple[str, Any]], path: str) -> None:
+    """A PNG with one row per video: its prompt above its frames, left to right."""
+    from PIL import Image, ImageDraw
+
+    label = 14
+    t, h, w = max(f.shape[0] for _, f in videos), videos[0][1].shape[1], videos[0][1].shape[2]
+    sheet = Image.new("RGB", (t * (w + 2), len(videos) * (h + label + 4)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for row, (prompt, frames) in enumerate(videos):
+        top = row * (h + label + 4)
+        draw.text((2, top + 1), prompt, fill="black")
+        for i, frame in enumerate(frames):
+            sheet.paste(Image.fromarray(frame), (i * (w + 2), top + label))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
+def table(results: Sequence[Result]) -> str:
+    """The results as a fixed-width table, accuracies in percent."""
+    lines = [
+        f"{'variant':<18} {'prompts':<10} {'n':>3} {'colour':>7} {'motion':>7} {'shape':>6} {'seconds':>8}"
+    ]
+    for r in results:
+        lines.append(
+            f"{r.variant:<18} {r.prompts_set:<10} {r.prompts:>3} {r.colour:>7.0%} {r.motion:>7.0%} "
+            f"{r.shape:>6.0%} {r.seconds:>8.1f}"
+        )
+    return "\n".join(lines)
+
+
+def main(args: Any) -> int:
+    variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        from kinoray.cli import UserError
+
+        raise UserError(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)}, all)")
+    sets = {Path(p).stem: table_set(p) for p in args.prompts} if args.prompts else builtin_sets()
+    strips: list[tuple[str, Any]] | None = [] if args.strip else None
+    results = evaluate(
+        sets,
+        args.weights or "shapes-wan",
+        variants,
+        limit=args.limit,
+        device=args.device or "auto",
+        strips=strips,
+    )
+    print(table(results))
+    if args.strip and strips:
+        frame_strip(strips, args.strip)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps([r.__dict__ for r in results], indent=2) + "\n")
+    return 0
