@@ -203,9 +203,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from kinoray.evaluate import VARIANTS
     from kinoray.evaluate import main as eval_main
 
-    return eval_main(args)
+    variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise UserError(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)}, all)")
+    return eval_main(args, variants)
 
 
 def cmd_train_shapes(args: argparse.Namespace) -> int:
@@ -348,7 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
     from kinoray.models.shapes_train import TrainSettings
 
     for name, f in TrainSettings.__dataclass_fields__.items():
-        t.add_argument(f"--{name.replace('_', '-')}", type=type(f.default), help=f"(default: {f.default})")
+        t.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=type(f.default),
+            help=f"{f.metadata['help']} (default: {f.default})",
+        )
     t.set_defaults(func=cmd_train_shapes)
 
     e = sub.add_parser(

@@ -155,13 +155,8 @@ def table(results: Sequence[Result]) -> str:
     return "\n".join(lines)
 
 
-def main(args: Any) -> int:
-    variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        from kinoray.cli import UserError
-
-        raise UserError(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)}, all)")
+def main(args: Any, variants: list[str]) -> int:
+    """`kinoray eval` with its parsed flags and known `variants`: print the table, write files."""
     sets = {Path(p).stem: table_set(p) for p in args.prompts} if args.prompts else builtin_sets()
     strips: list[tuple[str, Any]] | None = [] if args.strip else None
     results = evaluate(

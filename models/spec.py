@@ -40,12 +40,20 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    weights: str = Field(default=tiny.DEFAULT_MODEL, description="preset name, local path or hub id")
+    weights: str = Field(
+        default_factory=lambda: os.environ.get("KINORAY_MODEL") or tiny.DEFAULT_MODEL,
+        validate_default=True,
+        description=f"preset name, local path or hub id (default: $KINORAY_MODEL, else {tiny.DEFAULT_MODEL})",
+    )
     family: str = Field(default="auto", description="auto: from model_index.json's pipeline class")
     revision: str | None = None
     dtype: DType = Field(default="auto", description="auto: bfloat16 on CUDA, float32 on CPU")
     device: str = Field(default="auto", description="auto: cuda when available, else cpu")
-    max_sequence_length: int | None = Field(default=None, ge=1, description="text tokens; family default")
+    max_sequence_length: int | None = Field(
+        default=None,
+        ge=1,
+        description="text tokens, padding included (default: the checkpoint's kinoray.json, else the family's)",
+    )
     cpu_offload: bool = Field(default=False, description="keep weights on the CPU until a model runs (CUDA)")
     compile: bool = Field(default=False, description="torch.compile the denoiser's transformer(s)")
     cache: Literal["none", "first_block", "faster"] = Field(

@@ -16,6 +16,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tests that need no particular model run on tiny-wan (4 steps, a VAE of a tenth the cost); the
+# shipped default, shapes-wan, is tested where it is named (test_shapes, the preset matrix, the
+# example configs).
+os.environ.setdefault("KINORAY_MODEL", "tiny-wan")
 # moto's S3 server logs every request through werkzeug: failures would drown in it.
 logging.getLogger("werkzeug").setLevel(logging.ERROR)
 

@@ -56,7 +56,7 @@ MISTAKES = {
     ),
     "unknown preset": (
         lambda d: ["generate", "a fox", "--model", "tiny-foo"],
-        "--model: 'tiny-foo' is not a preset (bench-wan, tiny-cogvideox",
+        "--model: 'tiny-foo' is not a preset (bench-wan, shapes-wan, tiny-cogvideox",
     ),
     "hub id offline and not cached": (
         lambda d: ["generate", "a fox", "--model", "someone/no-such-model"],
@@ -153,8 +153,8 @@ def test_help_gives_every_flag_a_meaning_and_a_default():
     text = " ".join(res.stdout.split())
     for flag in ("--num-frames", "--height", "--num-inference-steps", "--seed", "--model", "--config"):
         assert flag in text
-    assert "(default: the model's; 9 for tiny-wan)" in text  # --num-frames
-    assert "(default: the model's; 64 for tiny-wan)" in text  # --height
+    assert "(default: the model's; 9 for shapes-wan)" in text  # --num-frames
+    assert "(default: the model's; 64 for shapes-wan)" in text  # --height
     assert "what to generate" in text
 
 

@@ -68,10 +68,13 @@ def test_the_shipped_checkpoint_matches_its_checksums():
     assert record["command"].startswith("kinoray train-shapes") and record["settings"]["seed"] == 0
 
 
-def test_shapes_wan_is_the_default_model():
+def test_shapes_wan_is_the_default_model(monkeypatch):
     from kinoray import KinorayConfig
 
+    monkeypatch.delenv("KINORAY_MODEL")
     assert KinorayConfig().model.weights == "shapes-wan"
+    monkeypatch.setenv("KINORAY_MODEL", "tiny-ltx")  # the default of this shell's commands
+    assert KinorayConfig().model.weights == "tiny-ltx"
     for example in ("job.yaml", "serve.yaml"):
         assert "weights: shapes-wan" in (REPO / "examples" / example).read_text()
 
@@ -111,7 +114,18 @@ def test_training_from_scratch_writes_a_checkpoint_diffusers_and_kinoray_load(tm
     from kinoray.cli import main
 
     dest = tmp_path / "ckpt"
-    args = ["--vae-steps", "2", "--vae-batch", "2", "--clips", "8", "--transformer-steps", "2"]
+    args = [
+        "--vae-steps",
+        "2",
+        "--vae-batch",
+        "2",
+        "--clips",
+        "8",
+        "--transformer-steps",
+        "2",
+        "--decoder-steps",
+        "2",
+    ]
     assert main(["train-shapes", "-o", str(dest), *args]) == 0
     pipe = WanPipeline.from_pretrained(dest)
     frames = pipe(
