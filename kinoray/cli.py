@@ -62,11 +62,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
     output = args.output or f"{request.id}{suffix}"
     _check_output(output)
-    if config.model.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {config.model.device}: this torch build sees no CUDA device")
+    _check_device(config)
     # Ctrl-C is noted and acted on once the running torch call returns: a KeyboardInterrupt
     # raised inside torch or a finalizer can be swallowed, and the video written anyway.
     stop = _NoteSigint()
@@ -101,17 +97,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_output(output: str) -> None:
+def _check_output(output: str, flag: str = "--output") -> None:
     """Refuse a local output path that cannot be written, before any model loads."""
     if "://" in output:
         return
     folder = os.path.dirname(os.path.abspath(output))
     if os.path.isdir(output):
-        raise UserError(f"--output {output}: is a folder; give a file name")
+        raise UserError(f"{flag} {output}: is a folder; give a file name")
     if not os.path.isdir(folder):
-        raise UserError(f"--output {output}: no folder {folder}")
+        raise UserError(f"{flag} {output}: no folder {folder}")
     if not os.access(folder, os.W_OK):
-        raise UserError(f"--output {output}: cannot write to {folder}")
+        raise UserError(f"{flag} {output}: cannot write to {folder}")
 
 
 class _NoteSigint:
@@ -203,14 +199,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from kinoray.evaluate import VARIANTS
+    from kinoray.evaluate import VARIANTS, PromptTableError, builtin_sets, table_set
     from kinoray.evaluate import main as eval_main
 
     variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise UserError(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)}, all)")
-    return eval_main(args, variants)
+    config = _load_config(args)
+    _check_device(config)
+    for flag, path in (("--out", args.out), ("--strip", args.strip)):
+        if path:
+            _check_output(path, flag)
+    try:
+        sets = {p: table_set(p) for p in args.prompts} if args.prompts else builtin_sets()
+    except PromptTableError as exc:
+        raise UserError(str(exc)) from None
+    return eval_main(args, config, sets, variants)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
+def _check_device(config: Any) -> None:
+    """Refuse a CUDA device that this torch build cannot see, before any model loads."""
+    if config.model.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {config.model.device}: this torch build sees no CUDA device")
 
 
 def cmd_train_shapes(args: argparse.Namespace) -> int:
@@ -219,8 +240,18 @@ def cmd_train_shapes(args: argparse.Namespace) -> int:
     from kinoray.models.shapes_train import TrainSettings, train
 
     names = TrainSettings.__dataclass_fields__
-    settings = TrainSettings(**{k: v for k, v in vars(args).items() if k in names and v is not None})
-    record = train(Path(args.output), settings, log=lambda line: print(line, flush=True))
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    bad = next((k for k, v in values.items() if k != "seed" and v <= 0), None)
+    if bad:
+        raise UserError(f"--{bad.replace('_', '-')}: must be positive (got {values[bad]})")
+    dest = Path(args.output)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise UserError(f"--output {dest}: already exists; give a new folder (nothing is overwritten)")
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--output {dest}: cannot create it ({exc.strerror})") from None
+    record = train(dest, TrainSettings(**values), log=lambda line: print(line, flush=True))
     print(json.dumps({k: v for k, v in record.items() if k != "settings"}, indent=2))
     return 0
 
@@ -363,10 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "eval", help="prompt adherence of a shapes model: colour, motion and shape read from its frames"
     )
-    e.add_argument(
-        "--model", dest="weights", metavar="WEIGHTS", help="a shapes checkpoint (default: shapes-wan)"
-    )
-    e.add_argument("--device", help="cpu, cuda, ... (default: cuda when available, else cpu)")
+    _add_model_flags(e)
     e.add_argument(
         "--variants",
         default="default",
@@ -374,7 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: default)",
     )
     e.add_argument(
-        "--limit", type=int, help="the first N prompts of each set (default: all, 45 seen + 15 held out)"
+        "--limit",
+        type=_positive_int,
+        help="the first N prompts of each set (default: all, 45 seen + 15 held out)",
     )
     e.add_argument(
         "--prompts",

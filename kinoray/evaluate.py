@@ -13,9 +13,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kinoray.models import adherence, scenes
+
+if TYPE_CHECKING:
+    from kinoray.models.config import KinorayConfig
 
 # Each variant: overrides of the config's sections (`model`, `decoder`) and of the request.
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
@@ -32,7 +35,7 @@ class Result:
     """Adherence of one variant on one prompt set: accuracies in 0..1 over `prompts` videos."""
 
     variant: str
-    prompts_set: str  # "seen", "held_out", or a prompt table's name
+    prompts_set: str  # "seen", "held_out", or a prompt table's path
     prompts: int
     colour: float
     motion: float
@@ -55,49 +58,78 @@ def builtin_sets() -> dict[str, PromptSet]:
     }
 
 
+class PromptTableError(ValueError):
+    """A prompt table `kinoray eval` cannot score: the message names the file (and line)."""
+
+
 def table_set(path: str) -> PromptSet:
     """The rows of a JSONL prompt table whose prompt names a colour, a shape and a motion
-    (`scenes.parse_caption`); the row's other request fields are kept, its `id` dropped."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
+    (`scenes.parse_caption`); the row's other request fields are kept, its `id` dropped.
+
+    Raises PromptTableError for a file that cannot be read, a line that is not a JSON object,
+    or a table with no such row.
+    """
+    try:
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PromptTableError(f"--prompts {path}: cannot read it ({exc})") from None
+    rows, skipped = [], 0
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
             row = json.loads(line)
-            scene = scenes.parse_caption(str(row.get("prompt", "")))
-            if scene is not None:
-                rows.append(({k: v for k, v in row.items() if k != "id"}, scene))
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            raise PromptTableError(f"--prompts {path}: line {number} is not a JSON object (a JSONL table)")
+        scene = scenes.parse_caption(str(row.get("prompt", "")))
+        if scene is None:
+            skipped += 1
+        else:
+            rows.append(({k: v for k, v in row.items() if k != "id"}, scene))
+    if not rows:
+        raise PromptTableError(
+            f"--prompts {path}: no row's prompt names a colour, a shape and a motion "
+            f"({', '.join(scenes.COLOURS)}; {', '.join(scenes.SHAPES)}; moving {'/'.join(scenes.MOTIONS[:4])} "
+            "or staying still)"
+        )
+    if skipped:
+        print(
+            f"kinoray: {path}: {skipped} of {skipped + len(rows)} rows name no colour, shape and motion: not scored"
+        )
     return rows
 
 
 def evaluate(
     prompt_sets: dict[str, PromptSet],
-    weights: str = "shapes-wan",
+    config: KinorayConfig | None = None,
     variants: Sequence[str] = ("default",),
     limit: int | None = None,
-    device: str = "auto",
     strips: list[tuple[str, Any]] | None = None,
 ) -> list[Result]:
-    """Generate and score each prompt set under each variant.
+    """Generate and score each prompt set under each variant of `config` (default: the default
+    config, whose model is shapes-wan unless $KINORAY_MODEL says otherwise).
 
-    `strips`, when given, receives (prompt, frames) of every video of the first variant.
-
-    `limit` takes the first N prompts of each set (None: all). Raises KeyError for an unknown
+    `limit` takes the first N prompts of each set (None: all). `strips`, when given, receives
+    (prompt, frames) of every video of the first variant. Raises KeyError for an unknown
     variant, `RequestError` for a row the model refuses.
     """
     from kinoray.models.config import KinorayConfig
     from kinoray.models.local import LocalPipeline
 
+    base = config or KinorayConfig()
     results = []
     for name in variants:
         change = VARIANTS[name]
-        base = KinorayConfig.model_validate({"model": {"weights": weights, "device": device}})
-        config = KinorayConfig.model_validate(
-            {
-                "model": {**base.model.model_dump(), **change.get("model", {})},
-                "decoder": change.get("decoder", {}),
+        variant = base.model_copy(
+            update={
+                "model": base.model.model_copy(update=change.get("model", {})),
+                "decoder": base.decoder.model_copy(update=change.get("decoder", {})),
             }
         )
-        pipeline = LocalPipeline(config)
-        defaults = config.request_builder().defaults
+        pipeline = LocalPipeline(variant)
+        defaults = variant.request_builder().defaults
         request_change = {
             k: max(1, round(float(v) * defaults[k])) for k, v in change.get("request", {}).items()
         }
@@ -130,47 +162,42 @@ def frame_strip(videos: Sequence[tuple[str, Any]], path: str) -> None:
     from PIL import Image, ImageDraw
 
     label = 14
-    t, h, w = max(f.shape[0] for _, f in videos), videos[0][1].shape[1], videos[0][1].shape[2]
-    sheet = Image.new("RGB", (t * (w + 2), len(videos) * (h + label + 4)), "white")
+    width = max(f.shape[0] * (f.shape[2] + 2) for _, f in videos)
+    heights = [f.shape[1] + label + 4 for _, f in videos]
+    sheet = Image.new("RGB", (max(width, 8), sum(heights)), "white")
     draw = ImageDraw.Draw(sheet)
-    for row, (prompt, frames) in enumerate(videos):
-        top = row * (h + label + 4)
+    top = 0
+    for (prompt, frames), height in zip(videos, heights):
         draw.text((2, top + 1), prompt, fill="black")
         for i, frame in enumerate(frames):
-            sheet.paste(Image.fromarray(frame), (i * (w + 2), top + label))
+            sheet.paste(Image.fromarray(frame), (i * (frame.shape[1] + 2), top + label))
+        top += height
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
 
 
 def table(results: Sequence[Result]) -> str:
     """The results as a fixed-width table, accuracies in percent."""
+    w = max([len("prompts"), *(len(r.prompts_set) for r in results)])
     lines = [
-        f"{'variant':<18} {'prompts':<10} {'n':>3} {'colour':>7} {'motion':>7} {'shape':>6} {'seconds':>8}"
+        f"{'variant':<18} {'prompts':<{w}} {'n':>3} {'colour':>7} {'motion':>7} {'shape':>6} {'seconds':>8}"
     ]
     for r in results:
         lines.append(
-            f"{r.variant:<18} {r.prompts_set:<10} {r.prompts:>3} {r.colour:>7.0%} {r.motion:>7.0%} "
+            f"{r.variant:<18} {r.prompts_set:<{w}} {r.prompts:>3} {r.colour:>7.0%} {r.motion:>7.0%} "
             f"{r.shape:>6.0%} {r.seconds:>8.1f}"
         )
     return "\n".join(lines)
 
 
-def main(args: Any, variants: list[str]) -> int:
-    """`kinoray eval` with its parsed flags and known `variants`: print the table, write files."""
-    sets = {Path(p).stem: table_set(p) for p in args.prompts} if args.prompts else builtin_sets()
+def main(args: Any, config: KinorayConfig, sets: dict[str, PromptSet], variants: list[str]) -> int:
+    """`kinoray eval` with its parsed flags, config, prompt sets and known `variants`: print the
+    table, write the files asked for."""
     strips: list[tuple[str, Any]] | None = [] if args.strip else None
-    results = evaluate(
-        sets,
-        args.weights or "shapes-wan",
-        variants,
-        limit=args.limit,
-        device=args.device or "auto",
-        strips=strips,
-    )
+    results = evaluate(sets, config, variants, limit=args.limit, strips=strips)
     print(table(results))
+    if args.out:
+        Path(args.out).write_text(json.dumps([r.__dict__ for r in results], indent=2) + "\n")
     if args.strip and strips:
         frame_strip(strips, args.strip)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps([r.__dict__ for r in results], indent=2) + "\n")
     return 0

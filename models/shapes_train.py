@@ -135,13 +135,21 @@ def build_pipeline(seed: int = 0) -> Any:
 
 
 def word_tokenizer() -> Any:
-    """A word-level tokenizer over `scenes.VOCABULARY` (lower-cased; other words are <unk>)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    """A word-level tokenizer over `scenes.VOCABULARY` (lower-cased, punctuation dropped; other
+    words are <unk>)."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     words = ["<pad>", "</s>", "<unk>", *scenes.VOCABULARY]
     tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
+    # Punctuation separates words (it is not a word the model knows); "grey" is "gray".
+    tok.normalizer = normalizers.Sequence(
+        [
+            normalizers.Lowercase(),
+            normalizers.Replace(Regex(r"[^\w\s]"), " "),
+            normalizers.Replace(Regex(r"\bgrey\b"), "gray"),
+        ]
+    )
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(
@@ -433,6 +441,10 @@ def save(pipe: Any, dest: Path, record: dict[str, Any]) -> None:
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    # A pipeline loaded from disk remembers where it came from; the checkpoint need not.
+    index = json.loads((tmp / "model_index.json").read_text())
+    index.pop("_name_or_path", None)
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     (tmp / tiny.DEFAULTS_FILE).write_text(
         json.dumps(
             {
@@ -446,7 +458,8 @@ def save(pipe: Any, dest: Path, record: dict[str, Any]) -> None:
     )
     (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     (tmp / CHECKSUMS).write_text(checksums(tmp))
-    shutil.rmtree(dest, ignore_errors=True)
+    if dest.is_dir() and not any(dest.iterdir()):
+        dest.rmdir()
     tmp.rename(dest)
 
 

@@ -65,6 +65,15 @@ class ModelSpec(BaseModel):
     @field_validator("weights")
     @classmethod
     def _weights(cls, v: str) -> str:
+        try:
+            return cls._check_weights(v)
+        except ValueError as exc:
+            if v == os.environ.get("KINORAY_MODEL"):  # a shell's default, not the command's
+                raise ValueError(f"{exc} (set by $KINORAY_MODEL)") from None
+            raise
+
+    @staticmethod
+    def _check_weights(v: str) -> str:
         # A hub id is `org/name`; a path has a separator. Anything else must be a preset: a typo
         # fails here, listing them, instead of after minutes of hub retries.
         if not v.strip():

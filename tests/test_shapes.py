@@ -12,6 +12,12 @@ from kinoray.models import adherence, scenes, tiny
 REPO = Path(__file__).resolve().parent.parent
 
 
+def shapes_config():
+    from kinoray import KinorayConfig
+
+    return KinorayConfig.model_validate({"model": {"weights": "shapes-wan"}})
+
+
 def test_scenes_are_a_function_of_the_seed():
     a = [scenes.sample_scene(np.random.default_rng(7)).render() for _ in range(2)]
     assert np.array_equal(a[0], a[1])
@@ -86,7 +92,7 @@ def test_make_runs_prompts_come_out_with_their_colour_and_motion():
 
     rows = table_set(str(REPO / "examples" / "prompts.jsonl"))
     assert len(rows) == 8
-    [result] = evaluate({"examples": rows}, "shapes-wan")
+    [result] = evaluate({"examples": rows}, shapes_config())
     assert result.colour >= 7 / 8 and result.motion >= 5 / 8, result
 
 
@@ -97,7 +103,7 @@ def test_settings_that_should_not_change_what_is_drawn_do_not(variant):
     from kinoray.evaluate import builtin_sets, evaluate
 
     rows = builtin_sets()["held_out"][::2]
-    plain, changed = evaluate({"held_out": rows}, "shapes-wan", ["default", variant])
+    plain, changed = evaluate({"held_out": rows}, shapes_config(), ["default", variant])
     assert abs(changed.colour - plain.colour) <= 1 / 8 and abs(changed.motion - plain.motion) <= 1 / 8, (
         plain,
         changed,
@@ -148,3 +154,36 @@ def test_training_from_scratch_writes_a_checkpoint_diffusers_and_kinoray_load(tm
     assert (dest / "SHA256SUMS").read_text().count("\n") == len(
         [p for p in dest.rglob("*") if p.is_file()]
     ) - 1
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["eval", "--prompts", "{tmp}/nope.jsonl"], "--prompts {tmp}/nope.jsonl: cannot read it"),
+        (["eval", "--prompts", "{tmp}/list.jsonl"], "line 1 is not a JSON object"),
+        (["eval", "--prompts", "{tmp}/fox.jsonl"], "no row's prompt names a colour, a shape and a motion"),
+        (["eval", "--out", "{tmp}/fox.jsonl/r.json"], "--out {tmp}/fox.jsonl/r.json: no folder"),
+        (["eval", "--model", "{tmp}"], "--model: {tmp} is not a diffusers pipeline folder"),
+        (["train-shapes", "-o", "{tmp}"], "--output {tmp}: already exists"),
+        (["train-shapes", "-o", "{tmp}/fox.jsonl/m"], "cannot create it"),
+        (["train-shapes", "-o", "{tmp}/new", "--vae-steps", "0"], "--vae-steps: must be positive"),
+    ],
+)
+def test_eval_and_train_mistakes_are_one_line_before_any_work(tmp_path, capsys, args, expected):
+    from kinoray.cli import main
+
+    (tmp_path / "list.jsonl").write_text('["a red circle moving left"]\n')
+    (tmp_path / "fox.jsonl").write_text('{"prompt": "a fox in the snow"}\n')
+    assert main([a.format(tmp=tmp_path) for a in args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected.format(tmp=tmp_path) in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fox.jsonl", "list.jsonl"]  # nothing written
+
+
+def test_punctuation_case_and_grey_tokenize_as_the_training_captions():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny.ensure("shapes-wan") / "tokenizer")
+    plain = tok("a red circle moving left on a gray background").input_ids
+    assert tok("A red circle, moving LEFT. On a grey background!").input_ids == plain
+    assert tok.unk_token_id not in plain
