@@ -33,7 +33,10 @@ PRESETS = tiny.preset_names(tested_only=True)
 def denoised(request):
     """A pipeline and the latents of two 128x128 requests (two seeds) of its preset."""
     local = LocalPipeline(KinorayConfig(model=ModelSpec(weights=request.param)))
-    reqs = [local.request(prompt="a red fox", seed=s, height=128, width=128) for s in (3, 4)]
+    reqs = [
+        local.request(prompt="a red fox", seed=s, height=128, width=128, num_inference_steps=4)
+        for s in (3, 4)
+    ]
     batch = local.denoiser(local.encoder(requests_to_batch(reqs)))
     return local, batch
 
@@ -49,8 +52,10 @@ def test_tiled_decode_makes_the_same_video(denoised):
     assert whole.shape[2:] == (128, 128, 3)
     assert psnr(tiled, whole) >= TILED_PSNR_FLOOR[local.config.model.weights]
     assert psnr(tiled, whole) > psnr(other_seed, whole)
-    # Half-size tiles still add up to whole frames.
-    assert adapter.decode(latents[:1], 0.5, 64).shape == whole.shape
+    # Half-size tiles still add up to whole frames (shapes-wan's VAE is tiny-wan's code at ten
+    # times the cost per tile: tiny-wan checks it).
+    if local.config.model.weights != "shapes-wan":
+        assert adapter.decode(latents[:1], 0.5, 64).shape == whole.shape
 
 
 def test_a_small_budget_splits_then_tiles(denoised):
