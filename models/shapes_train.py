@@ -194,6 +194,16 @@ def pooled(x: Any) -> Any:
     return F.avg_pool3d(torch.cat([x[:, :, :1], groups], 2), (1, 8, 8))
 
 
+def reconstruction_loss(x: Any, y: Any, batch: list[scenes.Scene]) -> Any:
+    """L1 + MSE of decoded clips `y` against `x` (both (B, 3, T, H, W) in [-1, 1]). The object is a
+    tenth of the frame: its pixels weigh 5x, so its colour is not traded for the background's."""
+    import torch
+
+    bg = torch.tensor([scenes.BACKGROUNDS[s.background] for s in batch]).float().div(127.5).sub(1.0)
+    weight = 1.0 + 4.0 * ((x - bg.view(-1, 3, 1, 1, 1)).abs().sum(1, keepdim=True) > 0.3).float()
+    return (weight * ((y - x).abs() + (y - x) ** 2)).mean()
+
+
 def train_vae(vae: Any, settings: TrainSettings, rng: np.random.Generator, log: Log) -> dict[str, float]:
     """Step 2. Returns the final losses and the PSNR of each colour's reconstruction."""
     import torch
@@ -216,11 +226,7 @@ def train_vae(vae: Any, settings: TrainSettings, rng: np.random.Generator, log: 
         mu, logvar = h.chunk(2, dim=1)
         z = mu + LATENT_NOISE * torch.randn_like(mu)
         y = decode_unclamped(vae, z)
-        # The object is a tenth of the frame: weighted up, so its colour is not traded for the
-        # background's.
-        bg = torch.tensor([scenes.BACKGROUNDS[s.background] for s in batch]).float().div(127.5).sub(1.0)
-        weight = 1.0 + 4.0 * ((x - bg.view(-1, 3, 1, 1, 1)).abs().sum(1, keepdim=True) > 0.3).float()
-        rec = (weight * ((y - x).abs() + (y - x) ** 2)).mean()
+        rec = reconstruction_loss(x, y, batch)
         kl = 0.5 * (mu**2 + logvar.clamp(-30, 20).exp() - 1 - logvar.clamp(-30, 20)).mean()
         loss = rec + 1e-4 * kl + ANCHOR_WEIGHT * ((mu[:, :3] - pooled(x)) ** 2).mean()
         opt.zero_grad(set_to_none=True)
@@ -261,9 +267,7 @@ def finetune_decoder(vae: Any, settings: TrainSettings, log: Log) -> dict[str, f
             mu = vae._encode(x).chunk(2, dim=1)[0]
         with torch.enable_grad():
             y = decode_unclamped(vae, mu + LATENT_NOISE * torch.randn_like(mu))
-            bg = torch.tensor([scenes.BACKGROUNDS[s.background] for s in batch]).float().div(127.5).sub(1.0)
-            weight = 1.0 + 4.0 * ((x - bg.view(-1, 3, 1, 1, 1)).abs().sum(1, keepdim=True) > 0.3).float()
-            rec = (weight * ((y - x).abs() + (y - x) ** 2)).mean()
+            rec = reconstruction_loss(x, y, batch)
             opt.zero_grad(set_to_none=True)
             rec.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
