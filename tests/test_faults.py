@@ -83,6 +83,8 @@ def batch_command(prompts, out):
         str(out),
         "--config",
         "examples/job.yaml",
+        "--model",
+        "tiny-wan",  # the example's pools; a model whose videos come fast enough to stop mid-job
     ]
 
 
@@ -91,8 +93,8 @@ def batch_command(prompts, out):
 )
 def test_a_stopped_job_keeps_every_video_it_wrote(tmp_path, sig):
     """Ctrl-C (SIGINT to the job's process group), SIGTERM to the job's process (what a container
-    stop or `kill` sends) or SIGKILL of a 48-row job once 6 videos exist: the rerun generates exactly the rows without a video and ends like an uninterrupted run."""
-    rows = 48  # enough that the job is still running when the sixth video lands
+    stop or `kill` sends) or SIGKILL of a 24-row job once 6 videos exist: the rerun generates exactly the rows without a video and ends like an uninterrupted run."""
+    rows = 24
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(
         "".join(
