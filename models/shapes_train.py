@@ -204,6 +204,18 @@ def reconstruction_loss(x: Any, y: Any, batch: list[scenes.Scene]) -> Any:
     return (weight * ((y - x).abs() + (y - x) ** 2)).mean()
 
 
+def optimise(opt: Any, sched: Any, loss: Any) -> None:
+    """One step: gradients of `loss`, clipped to norm 1 over the optimiser's parameters."""
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for group in opt.param_groups for p in group["params"]]
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
 def train_vae(vae: Any, settings: TrainSettings, rng: np.random.Generator, log: Log) -> dict[str, float]:
     """Step 2. Returns the final losses and the PSNR of each colour's reconstruction."""
     import torch
@@ -229,11 +241,7 @@ def train_vae(vae: Any, settings: TrainSettings, rng: np.random.Generator, log: 
         rec = reconstruction_loss(x, y, batch)
         kl = 0.5 * (mu**2 + logvar.clamp(-30, 20).exp() - 1 - logvar.clamp(-30, 20)).mean()
         loss = rec + 1e-4 * kl + ANCHOR_WEIGHT * ((mu[:, :3] - pooled(x)) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimise(opt, sched, loss)
         recent.append(float(rec.detach()))
         if (step + 1) % 100 == 0:
             log(
@@ -265,14 +273,9 @@ def finetune_decoder(vae: Any, settings: TrainSettings, log: Log) -> dict[str, f
         x = clips_tensor(batch)
         with torch.no_grad():
             mu = vae._encode(x).chunk(2, dim=1)[0]
-        with torch.enable_grad():
-            y = decode_unclamped(vae, mu + LATENT_NOISE * torch.randn_like(mu))
-            rec = reconstruction_loss(x, y, batch)
-            opt.zero_grad(set_to_none=True)
-            rec.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        y = decode_unclamped(vae, mu + LATENT_NOISE * torch.randn_like(mu))
+        rec = reconstruction_loss(x, y, batch)
+        optimise(opt, sched, rec)
         recent.append(float(rec.detach()))
         if (step + 1) % 50 == 0:
             log(
@@ -377,11 +380,7 @@ def train_transformer(
         xt = (1 - s) * x0 + s * noise
         pred = model(xt, timestep=sigma * 1000, encoder_hidden_states=embeds[cond], return_dict=False)[0]
         loss = ((pred - (noise - x0)) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimise(opt, sched, loss)
         with torch.no_grad():
             decay = min(settings.ema_decay, (1 + step) / (10 + step))
             for pe, pm in zip(ema.parameters(), model.parameters()):
