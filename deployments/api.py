@@ -73,7 +73,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 class OpenAIVideoFields(BaseModel):
     """The fields of OpenAI's `POST /v1/videos`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prompt: str
     model: str | None = None
@@ -83,19 +83,49 @@ class OpenAIVideoFields(BaseModel):
 
 
 class OpenAIImageFields(BaseModel):
-    """The fields of OpenAI's `POST /v1/images/generations`."""
+    """The fields of OpenAI's `POST /v1/images/generations`.
 
-    model_config = ConfigDict(extra="forbid")
+    Fields kinoray cannot honour are accepted with the value that asks for OpenAI's default
+    behaviour, or one that kinoray's output already has, and refused by name otherwise (see
+    IGNORED_IMAGE_VALUES).
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prompt: str
     model: str | None = None
     n: int = Field(default=1, ge=1, le=10)
-    size: str | None = Field(default=None, description="WIDTHxHEIGHT, e.g. 1024x1024")
+    size: str | None = Field(default=None, description="WIDTHxHEIGHT, e.g. 1024x1024, or auto")
     response_format: Literal["b64_json", "url"] = "b64_json"
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_compression: int | None = Field(default=None, ge=0, le=100, description="jpeg/webp quality")
     quality: str | None = None
     style: str | None = None
+    moderation: str | None = None
+    background: str | None = None
+    stream: bool | None = None
+    partial_images: int | None = None
     user: str | None = None
-    output_format: Literal["png"] | None = None
+
+
+class VideoRemixBody(BaseModel):
+    """`POST /v1/videos/{id}/remix`: the new prompt; everything else comes from the source."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1)
+
+
+# Accepted values of fields kinoray does not act on: OpenAI's default, or what kinoray's output
+# is anyway (opaque images, no moderation step, one final image).
+IGNORED_IMAGE_VALUES: dict[str, tuple[Any, ...]] = {
+    "quality": ("auto", "standard"),
+    "style": ("vivid",),
+    "moderation": ("auto",),
+    "background": ("auto", "opaque"),
+    "stream": (False,),
+    "partial_images": (0,),
+}
 
 
 # kinoray's own fields, sent as `extra_body` by the openai client: the request's fields.
@@ -116,7 +146,8 @@ ImageGenerateBody = partial_model(
 )
 
 
-def _validate(model: type[BaseModel], data: dict[str, Any]) -> Any:
+def validate_body(model: type[BaseModel], data: dict[str, Any]) -> Any:
+    """`data` as `model`; raises a 400 APIError naming the first bad field."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -128,24 +159,79 @@ def parse_images(
     data: dict[str, Any], served_models: list[str], builder: RequestBuilder, ids: list[str]
 ) -> tuple[Any, list[GenerationRequest]]:
     """Body -> one single-frame request per image (consecutive seeds from `seed`)."""
-    body = _validate(ImageGenerateBody, data)
+    body = validate_body(ImageGenerateBody, data)
+    for name, accepted in IGNORED_IMAGE_VALUES.items():
+        value = getattr(body, name)
+        if value is not None and value not in accepted:
+            raise APIError(
+                400,
+                f"{name} {value!r} is not supported here; accepted: " + ", ".join(repr(v) for v in accepted),
+                param=name,
+                code="unsupported_value",
+            )
     video = {
-        k: v for k, v in body.model_dump().items() if k in VideoCreateBody.model_fields and v is not None
+        k: v
+        for k, v in body.model_dump().items()
+        if k in VideoCreateBody.model_fields and v is not None and k != "input_reference"
     }
+    if video.get("size") == "auto":
+        del video["size"]
     video.pop("seed", None)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     requests = []
     for k, image_id in enumerate(ids[: body.n]):
         req, _ = parse_create(
-            {**video, "seed": seed + k, "num_frames": 1, "fps": 1}, served_models, builder, image_id
+            {**video, "seed": seed + k, "num_frames": 1, "fps": 1},
+            served_models,
+            builder,
+            image_id,
+            image=True,
         )
         requests.append(req)
     return body, requests
 
 
+class _NonFinite(float):
+    """A JSON number that is not finite (NaN, Infinity, or one too large for a float)."""
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    return value if math.isfinite(value) else _NonFinite(value)
+
+
+def _non_finite_field(data: Any, path: str = "") -> str | None:
+    if isinstance(data, _NonFinite):
+        return path or "body"
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        found = _non_finite_field(value, path or str(key))
+        if found:
+            return found
+    return None
+
+
+# Form fields that are files; every other part is text, even one sent as a file part.
+FILE_FIELDS = frozenset({"input_reference"})
+MAX_FORM_PARTS = 64
+
+
 async def read_body(request: Request) -> dict[str, Any]:
-    """JSON, multipart form (what the openai client sends) or urlencoded form -> a dict."""
+    """JSON, multipart form (what the openai client sends) or urlencoded form -> a dict.
+
+    Raises APIError: 413 over MAX_BODY_BYTES, 415 for another content type or any
+    content-encoding, 400 for malformed JSON, a non-finite number, or a text part that is not
+    UTF-8.
+    """
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise APIError(
+            415,
+            f"content-encoding {encoding!r} is not supported; send the body uncompressed",
+            param="content-encoding",
+            code="unsupported_media_type",
+        )
     if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
         raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
     if ctype == "application/json":
@@ -153,20 +239,35 @@ async def read_body(request: Request) -> dict[str, Any]:
         if len(raw) > MAX_BODY_BYTES:
             raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
         try:
-            data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            data = json.loads(
+                raw.decode("utf-8"), parse_float=_parse_float, parse_constant=lambda c: _NonFinite(c)
+            )
+        except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
             raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
         if not isinstance(data, dict):
             raise APIError(400, "request body must be a JSON object", code="invalid_json")
+        bad = _non_finite_field(data)
+        if bad:
+            raise APIError(400, f"{bad}: numbers must be finite", param=bad, code="invalid_value")
         return data
     if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         try:
-            form = await request.form(max_files=1, max_fields=64)
+            form = await request.form(max_files=MAX_FORM_PARTS, max_fields=MAX_FORM_PARTS)
         except Exception as exc:
             raise APIError(400, f"cannot parse form body: {exc}", code="invalid_form") from None
         fields: dict[str, Any] = {}
         for key, value in form.multi_items():
-            fields[key] = value if isinstance(value, str) else "<file>"
+            if isinstance(value, str) or key in FILE_FIELDS:
+                fields[key] = value
+                continue
+            # A text field sent as a file part (what `requests` sends for `files={...}`).
+            raw = await value.read(MAX_BODY_BYTES + 1)
+            try:
+                fields[key] = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise APIError(
+                    400, f"{key}: a text field must be UTF-8", param=key, code="invalid_value"
+                ) from None
         return fields
     raise APIError(
         415,
@@ -176,14 +277,21 @@ async def read_body(request: Request) -> dict[str, Any]:
 
 
 def parse_create(
-    data: dict[str, Any], served_models: list[str], builder: RequestBuilder, job_id: str
+    data: dict[str, Any],
+    served_models: list[str],
+    builder: RequestBuilder,
+    job_id: str,
+    image: bool = False,
 ) -> tuple[GenerationRequest, str]:
     """Body -> (a validated request, the model name to report).
 
     OpenAI's `size` and `seconds` become height, width and num_frames; an error about one of
-    those names the field the client sent.
+    those names the field the client sent. A video request (`image` False) must make a clip of
+    more than one frame, from a model that makes videos.
+
+    Raises APIError: 400 naming the field, 404 for a model that is not served.
     """
-    body = _validate(VideoCreateBody, data)
+    body = validate_body(VideoCreateBody, data)
     if body.input_reference is not None:
         raise APIError(400, "input_reference is not supported by this model", param="input_reference")
     model = body.model or served_models[0]
@@ -193,6 +301,14 @@ def parse_create(
             f"model {model!r} is not served here; available: {', '.join(served_models)}",
             param="model",
             code="model_not_found",
+        )
+    limits = builder.limits
+    if not image and limits.max_frames == 1:
+        raise APIError(
+            400,
+            f"model {model!r} makes images, not videos; use POST /v1/images/generations",
+            param="model",
+            code="invalid_value",
         )
     fields: dict[str, Any] = {k: getattr(body, k) for k in VIDEO_EXTRA_FIELDS if getattr(body, k) is not None}
     sent_as: dict[str, str] = {}
@@ -205,12 +321,29 @@ def parse_create(
             if name not in fields:
                 fields[name] = value
                 sent_as[name] = "size"
+    fps = fields.get("fps", builder.defaults["fps"])
     if body.seconds is not None and "num_frames" not in fields:
-        fps = fields.get("fps", builder.defaults["fps"])
-        step = builder.limits.frame_step
+        step = limits.frame_step
         # The nearest frame count the VAE takes: 1 + k * frame_step.
         fields["num_frames"] = 1 + max(0, math.floor(body.seconds * fps / step + 0.5)) * step
         sent_as["num_frames"] = "seconds"
+        shortest, longest = (1 + step) / fps, (limits.max_frames - 1) / fps
+        if not shortest / 2 <= body.seconds <= longest + step / fps / 2:
+            raise APIError(
+                400,
+                f"seconds must be between {shortest:g} and {longest:g} for this model "
+                f"({1 + step} to {limits.max_frames} frames at {fps:g} fps); got {body.seconds:g}",
+                param="seconds",
+                code="invalid_value",
+            )
+    frames = fields.get("num_frames", builder.defaults.get("num_frames"))
+    if not image and frames == 1:
+        raise APIError(
+            400,
+            "num_frames 1 makes an image, not a video; use POST /v1/images/generations",
+            param="num_frames",
+            code="invalid_value",
+        )
     if "seed" not in fields:
         fields["seed"] = secrets.randbelow(2**31)
     try:
@@ -224,11 +357,23 @@ def parse_create(
 
 
 def check_auth(request: Request, api_keys: list[str]) -> None:
+    """Raises a 401 (with `WWW-Authenticate`, RFC 6750) unless the bearer token is one of
+    `api_keys`; with none configured, every request passes."""
     if not api_keys:
         return
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
-        raise APIError(401, "missing bearer token in the Authorization header", code="invalid_api_key")
+        raise APIError(
+            401,
+            "missing bearer token in the Authorization header",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": 'Bearer realm="kinoray"'},
+        )
     if not any(secrets.compare_digest(token.strip(), k) for k in api_keys):
-        raise APIError(401, "incorrect API key provided", code="invalid_api_key")
+        raise APIError(
+            401,
+            "incorrect API key provided",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": 'Bearer realm="kinoray", error="invalid_token"'},
+        )

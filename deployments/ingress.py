@@ -4,8 +4,11 @@
 # Serve's class-based ingress resolves them at import time.
 import asyncio
 import base64
+import io
 import logging
+import re
 import time
+import uuid
 from typing import Any
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -23,14 +26,25 @@ from kinoray.deployments.api import (
     APIError,
     ImageGenerateBody,
     VideoCreateBody,
+    VideoRemixBody,
     check_auth,
     parse_create,
     parse_images,
     read_body,
+    validate_body,
 )
-from kinoray.deployments.store import JobError, JobRecord, JobStore, new_job_id
+from kinoray.deployments.store import (
+    PROGRESS_INTERVAL_S,
+    JobError,
+    JobRecord,
+    JobStore,
+    created_at,
+    new_job_id,
+)
+from kinoray.deployments.webhooks import Outbox
 from kinoray.models import telemetry
 from kinoray.models.config import KinorayConfig
+from kinoray.models.request import RequestError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +59,11 @@ api = FastAPI(
 # a dead replica directly, or wrapped by Serve when it fed a chained request.
 ATTEMPTS = 3
 REPLICA_ERRORS = (RayActorError, ActorDiedError, ActorUnavailableError, RayServeException)
+# A replica renews its lease this often; a job whose owner's lease is older belongs to nobody
+# (its replica died) and is taken over (see ServeConfig.on_restart).
+LEASE_RENEW_S = 2.0
+LEASE_STALE_S = 10.0
+FINISHED = ("completed", "failed")
 
 
 @api.exception_handler(APIError)
@@ -62,7 +81,11 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 @api.exception_handler(HTTPException)
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     code = "not_found" if exc.status_code == 404 else None
-    return APIError(exc.status_code, str(exc.detail), code=code).response()
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(_allowed_methods(request))
+        code = "method_not_allowed"
+    return APIError(exc.status_code, str(exc.detail), code=code, headers=headers or None).response()
 
 
 @api.exception_handler(Exception)
@@ -71,6 +94,19 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return APIError(
         500, f"internal error: {type(exc).__name__}", type="server_error", code="internal_error"
     ).response()
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods the request's path takes, from the OpenAPI document (Serve mounts the class's
+    routes under one router, so the app's route list does not show them)."""
+    path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    methods: set[str] = set()
+    for template, operations in request.app.openapi()["paths"].items():
+        if re.fullmatch(re.sub(r"\{[^/]+\}", "[^/]+", template), path):
+            methods |= {m.upper() for m in operations}
+    return sorted(methods)
 
 
 class _Auth:
@@ -94,6 +130,61 @@ CREATE_BODY = {
 }
 
 
+# Helpers sit above the class: `serve.ingress` serializes it where it is defined.
+IMAGE_MEDIA = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def byte_range_response(request: Request, data: bytes, media: str) -> Response:
+    """`data` whole (200), or the one byte range asked for (206 with Content-Range; 416 past
+    the end), per RFC 9110 section 14; several ranges are answered whole, which the RFC allows.
+    A HEAD answer has the headers and no body."""
+    size = len(data)
+    headers = {"Accept-Ranges": "bytes"}
+    status, body = 200, data
+    match = _RANGE.match(request.headers.get("range", "").strip())
+    if match and match.group(1) + match.group(2):
+        first, last = match.groups()
+        if first:
+            start, end = int(first), min(int(last), size - 1) if last else size - 1
+        else:
+            start, end = max(0, size - int(last)), size - 1
+        if start >= size or start > end:
+            raise APIError(
+                416,
+                f"range {request.headers['range']!r} is outside the {size} bytes",
+                param="range",
+                code="range_not_satisfiable",
+                headers={"Content-Range": f"bytes */{size}"},
+            )
+        status, body = 206, data[start : end + 1]
+        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    if request.method == "HEAD":
+        headers["Content-Length"] = str(len(body))
+        return Response(status_code=status, media_type=media, headers=headers)
+    return Response(content=body, status_code=status, media_type=media, headers=headers)
+
+
+def convert_image(png: bytes, output_format: str, quality: int | None) -> bytes:
+    """A PNG as `output_format` (png, jpeg, webp); `quality` 0-100 for jpeg and webp."""
+    if output_format == "png":
+        return png
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.open(io.BytesIO(png)).convert("RGB").save(
+        out, format=output_format.upper(), quality=100 if quality is None else quality
+    )
+    return out.getvalue()
+
+
+def _replica_id() -> str:
+    try:
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except RayServeException:
+        return f"local-{uuid.uuid4().hex[:8]}"
+
+
 @serve.ingress(api)
 class Ingress:
     def __init__(
@@ -112,15 +203,44 @@ class Ingress:
         self.served_models = [self.model_name, *self.serve_config.model_aliases]
         self.encoder, self.denoiser, self.decoder = encoder, denoiser, decoder
         self.jobs: dict[str, asyncio.Task[None]] = {}
+        # The records of the jobs this replica runs, as it last wrote them, and their progress
+        # as last read (progress files change at most every PROGRESS_INTERVAL_S): status polls
+        # of running jobs are answered from memory.
+        self.live: dict[str, JobRecord] = {}
+        self.progress_read: dict[str, tuple[float, int | None]] = {}
         self.images_in_flight = 0
+        self.outbox = Outbox(self.store, self.serve_config.webhooks)
+        self.owner = _replica_id()
+        self.draining = False
+        self.store.renew_lease(self.owner)
+        self._housekeeping: asyncio.Task[None] | None = None
+        self._start_housekeeping()
+
+    def _start_housekeeping(self) -> None:
+        if self._housekeeping is None or self._housekeeping.done():
+            try:
+                self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
+            except RuntimeError:  # no loop yet: the first request starts it
+                pass
 
     # -- routes -------------------------------------------------------------------------------
 
-    @api.get("/healthz")
+    @api.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.model_name, "jobs_in_flight": len(self.jobs)}
+        self._start_housekeeping()
+        return {
+            "status": "draining" if self.draining else "ok",
+            "model": self.model_name,
+            "jobs_in_flight": len(self.jobs),
+        }
 
-    @api.get("/v1/models", dependencies=[Depends(auth)], responses=ERROR_RESPONSES)
+    async def check_health(self) -> None:
+        """Serve's periodic health check; also keeps the housekeeping loop running."""
+        self._start_housekeeping()
+
+    @api.api_route(
+        "/v1/models", methods=["GET", "HEAD"], dependencies=[Depends(auth)], responses=ERROR_RESPONSES
+    )
     async def list_models(self) -> dict[str, Any]:
         return {
             "object": "list",
@@ -136,16 +256,6 @@ class Ingress:
         data = await read_body(request)
         job_id = new_job_id()
         req, model = parse_create(data, self.served_models, self.builder, job_id)
-        # Serve's max_queued_requests bounds requests waiting for a replica, but a video job
-        # outlives its HTTP request: the backlog is counted here, where the jobs are held.
-        if len(self.jobs) >= self.serve_config.max_queued_requests:
-            raise APIError(
-                429,
-                f"too many video jobs in flight ({len(self.jobs)}); retry later",
-                type="rate_limit_exceeded",
-                code="queue_full",
-                headers={"Retry-After": str(self.serve_config.retry_after_s)},
-            )
         duration = req.sampling.num_frames / req.sampling.fps
         record = JobRecord(
             id=job_id,
@@ -160,14 +270,76 @@ class Ingress:
             request=req.row(),
             deadline_at=time.time() + self.serve_config.job_deadline_s,
         )
-        self.store.put(record)
-        task = asyncio.get_running_loop().create_task(self._run(record))
-        self.jobs[job_id] = task
-        telemetry.set_gauge("kinoray_jobs_in_flight", len(self.jobs))
-        task.add_done_callback(lambda _: self._done(job_id))
-        return JSONResponse(record.public())
+        return self._accept(record)
 
-    @api.get("/v1/videos", dependencies=[Depends(auth)], responses=ERROR_RESPONSES)
+    @api.post("/v1/videos/{video_id}/remix", dependencies=[Depends(auth)], responses=ERROR_RESPONSES)
+    async def remix_video(self, video_id: str, request: Request) -> JSONResponse:
+        """A new job with the source's request and seed, and the new prompt (see README)."""
+        source = self._get(video_id)
+        prompt = validate_body(VideoRemixBody, await read_body(request)).prompt
+        job_id = new_job_id()
+        fields = {k: v for k, v in source.request.items() if v is not None}
+        try:
+            req = self.builder.build({**fields, "id": job_id, "prompt": prompt})
+        except RequestError as exc:
+            raise APIError(400, str(exc), param="prompt" if exc.field == "prompt" else exc.field) from None
+        record = source.model_copy(
+            update={
+                "id": job_id,
+                "prompt": req.prompt,
+                "status": "queued",
+                "progress": 0,
+                "created_at": int(time.time()),
+                "completed_at": None,
+                "expires_at": None,
+                "error": None,
+                "remixed_from_video_id": source.id,
+                "request": req.row(),
+                "deadline_at": time.time() + self.serve_config.job_deadline_s,
+            }
+        )
+        return self._accept(record)
+
+    def _accept(self, record: JobRecord) -> JSONResponse:
+        """Store a new job and start it; 503 while draining, 429 over the queue's bound."""
+        if self.draining:
+            raise APIError(
+                503,
+                "the server is shutting down; retry on another replica",
+                type="server_error",
+                code="server_shutting_down",
+                headers={"Retry-After": str(self.serve_config.retry_after_s)},
+            )
+        # Serve's max_queued_requests bounds requests waiting for a replica, but a video job
+        # outlives its HTTP request: the backlog is counted here, where the jobs are held.
+        if len(self.jobs) >= self.serve_config.max_queued_requests:
+            raise APIError(
+                429,
+                f"too many video jobs in flight ({len(self.jobs)}); retry later",
+                type="rate_limit_exceeded",
+                code="queue_full",
+                headers={"Retry-After": str(self.serve_config.retry_after_s)},
+            )
+        record = record.model_copy(update={"owner": self.owner})
+        self.store.put(record)
+        self.live[record.id] = record
+        self._start(record)
+        return JSONResponse(record.public(), headers=self._poll_headers())
+
+    def _start(self, record: JobRecord) -> None:
+        self._start_housekeeping()
+        task = asyncio.get_running_loop().create_task(self._run(record))
+        self.jobs[record.id] = task
+        telemetry.set_gauge("kinoray_jobs_in_flight", len(self.jobs))
+        task.add_done_callback(lambda _: self._done(record.id))
+
+    def _poll_headers(self) -> dict[str, str]:
+        # The openai client waits this long between polls of `create_and_poll` / `poll`.
+        return {"openai-poll-after-ms": str(self.serve_config.poll_after_ms)}
+
+    @api.api_route(
+        "/v1/videos", methods=["GET", "HEAD"], dependencies=[Depends(auth)], responses=ERROR_RESPONSES
+    )
     async def list_videos(
         self,
         after: str | None = None,
@@ -180,7 +352,7 @@ class Ingress:
         if after is not None:
             ids = ids[ids.index(after) + 1 :] if after in ids else []
         # One listing of names, then only the page's records are read.
-        page = [self._expire(r).public() for r in map(self.store.get, ids[:limit]) if r is not None]
+        page = [r.public() for r in map(self._current, ids[:limit]) if r is not None]
         return {
             "object": "list",
             "data": page,
@@ -189,30 +361,53 @@ class Ingress:
             "has_more": len(ids) > limit,
         }
 
-    @api.get("/v1/videos/{video_id}", dependencies=[Depends(auth)], responses=ERROR_RESPONSES)
-    async def retrieve_video(self, video_id: str) -> dict[str, Any]:
-        return self._expire(self._get(video_id)).public()
+    @api.api_route(
+        "/v1/videos/{video_id}",
+        methods=["GET", "HEAD"],
+        dependencies=[Depends(auth)],
+        responses=ERROR_RESPONSES,
+    )
+    async def retrieve_video(self, video_id: str) -> JSONResponse:
+        return JSONResponse(self._get(video_id).public(), headers=self._poll_headers())
 
-    @api.get("/v1/videos/{video_id}/content", dependencies=[Depends(auth)], responses=ERROR_RESPONSES)
-    async def video_content(self, video_id: str, variant: str = "video") -> Response:
+    @api.api_route(
+        "/v1/videos/{video_id}/content",
+        methods=["GET", "HEAD"],
+        dependencies=[Depends(auth)],
+        responses=ERROR_RESPONSES,
+    )
+    async def video_content(self, video_id: str, request: Request, variant: str = "video") -> Response:
+        """The MP4 (or PNG for one frame), or its `thumbnail` (WebP) or `spritesheet` (JPEG);
+        byte ranges as RFC 9110 gives them."""
         record = self._get(video_id)
-        if variant != "video":
-            raise APIError(400, f"variant {variant!r} is not available; use 'video'", param="variant")
+        if variant not in ("video", *JobStore.VARIANTS):
+            raise APIError(
+                400,
+                f"variant must be one of video, thumbnail, spritesheet (got {variant!r})",
+                param="variant",
+            )
         if record.status != "completed":
             raise APIError(409, f"video {video_id} is {record.status}, not completed", code="video_not_ready")
-        found = self.store.get_video(video_id)
+        found = self.store.get_video(video_id, variant)
         if found is None:
-            raise APIError(404, f"video {video_id} has no content", code="not_found")
-        data, media = found
-        return Response(content=data, media_type=media)
+            raise APIError(
+                404, f"video {video_id} has no {variant} content", param="variant", code="not_found"
+            )
+        return byte_range_response(request, *found)
 
     @api.delete("/v1/videos/{video_id}", dependencies=[Depends(auth)], responses=ERROR_RESPONSES)
     async def delete_video(self, video_id: str) -> dict[str, Any]:
-        self._get(video_id)
+        """Delete the job and every file of it; an unfinished job's compute stops at its next
+        denoising step (here, or, through its record's removal, on any replica)."""
+        record = self._get(video_id)
         task = self.jobs.pop(video_id, None)
         if task is not None:
             task.cancel()
+        self.live.pop(video_id, None)
         self.store.delete(video_id)
+        if record.status not in FINISHED:
+            telemetry.inc("kinoray_jobs_cancelled_total", kind="video")
+            self.outbox.publish("video.cancelled", video_id)
         return {"id": video_id, "object": "video.deleted", "deleted": True}
 
     @api.post(
@@ -227,21 +422,25 @@ class Ingress:
         },
     )
     async def generate_images(self, request: Request) -> dict[str, Any]:
-        """OpenAI's Images API: synchronous, one single-frame request per image."""
+        """OpenAI's Images API: synchronous, one single-frame request per image. A client that
+        disconnects stops the compute of its images."""
         data = await read_body(request)
         ids = [new_job_id().replace("video_", "img_") for _ in range(10)]
         body, reqs = parse_images(data, self.served_models, self.builder, ids)
-        if len(self.jobs) + self.images_in_flight >= self.serve_config.max_queued_requests:
+        if self.draining or len(self.jobs) + self.images_in_flight >= self.serve_config.max_queued_requests:
             raise APIError(
-                429,
-                "too many jobs in flight; retry later",
-                type="rate_limit_exceeded",
-                code="queue_full",
+                503 if self.draining else 429,
+                "the server is shutting down" if self.draining else "too many jobs in flight; retry later",
+                type="server_error" if self.draining else "rate_limit_exceeded",
+                code="server_shutting_down" if self.draining else "queue_full",
                 headers={"Retry-After": str(self.serve_config.retry_after_s)},
             )
         self.images_in_flight += len(reqs)
         try:
             results = await asyncio.gather(*(self._generate(r.row()) for r in reqs))
+        except asyncio.CancelledError:
+            telemetry.inc("kinoray_jobs_cancelled_total", len(reqs), kind="image")
+            raise
         finally:
             self.images_in_flight -= len(reqs)
         failed = next((r["error"] for r in results if r["error"]), None)
@@ -250,44 +449,93 @@ class Ingress:
                 500, f"image generation failed: {failed}", type="server_error", code="generation_failed"
             )
         data_out = []
+        suffix = {"png": "png", "jpeg": "jpg", "webp": "webp"}[body.output_format]
         for req, result in zip(reqs, results):
+            image = convert_image(result["video"], body.output_format, body.output_compression)
             if body.response_format == "b64_json":
-                data_out.append({"b64_json": base64.b64encode(result["video"]).decode()})
+                data_out.append({"b64_json": base64.b64encode(image).decode()})
             else:
-                self.store.put_image(req.id, result["video"])
-                data_out.append({"url": f"{str(request.base_url).rstrip('/')}/v1/images/files/{req.id}.png"})
+                self.store.put_image(req.id, image, suffix)
+                data_out.append(
+                    {"url": f"{str(request.base_url).rstrip('/')}/v1/images/files/{req.id}.{suffix}"}
+                )
         telemetry.inc("kinoray_videos_total", len(reqs), frontend="online")
-        return {"created": int(time.time()), "data": data_out}
+        size = f"{reqs[0].sampling.width}x{reqs[0].sampling.height}"
+        return {
+            "created": int(time.time()),
+            "data": data_out,
+            "output_format": body.output_format,
+            "size": size,
+        }
 
-    @api.get("/v1/images/files/{name}", responses=ERROR_RESPONSES)
-    async def image_file(self, name: str) -> Response:
-        data = self.store.get_image(name.removesuffix(".png"))
-        if data is None:
+    @api.api_route(
+        "/v1/images/files/{name}",
+        methods=["GET", "HEAD"],
+        dependencies=[Depends(auth)],
+        responses=ERROR_RESPONSES,
+    )
+    async def image_file(self, name: str, request: Request) -> Response:
+        """An image made with `response_format: url`; under the API keys like every route."""
+        image_id, _, suffix = name.rpartition(".")
+        found = self.store.get_image(image_id, suffix) if suffix in IMAGE_MEDIA else None
+        if found is None:
             raise APIError(404, f"no image {name!r}", param="name", code="not_found")
-        return Response(content=data, media_type="image/png")
+        return byte_range_response(request, found, IMAGE_MEDIA[suffix])
 
     # -- the job -----------------------------------------------------------------------------
 
     def _done(self, job_id: str) -> None:
         self.jobs.pop(job_id, None)
+        self.live.pop(job_id, None)
+        self.progress_read.pop(job_id, None)
         telemetry.set_gauge("kinoray_jobs_in_flight", len(self.jobs))
 
+    def _update(self, job_id: str, **changes: Any) -> JobRecord | None:
+        record = self.store.update(job_id, **changes)
+        if record is not None and job_id in self.jobs:
+            self.live[job_id] = record
+        return record
+
+    def _read(self, video_id: str) -> JobRecord | None:
+        """A job's record: from memory for a job running here (with its progress re-read at
+        most every PROGRESS_INTERVAL_S), else from storage."""
+        record = self.live.get(video_id)
+        if record is None:
+            return self.store.get(video_id)
+        if record.status not in FINISHED:
+            now = time.monotonic()
+            read_at, progress = self.progress_read.get(video_id, (0.0, None))
+            if now - read_at >= PROGRESS_INTERVAL_S:
+                progress = self.store.get_progress(video_id)
+                self.progress_read[video_id] = (now, progress)
+            if progress is not None and progress > record.progress:
+                record = record.model_copy(update={"progress": progress, "status": "in_progress"})
+        return record
+
     def _get(self, video_id: str) -> JobRecord:
-        record = self.store.get(video_id) if self.store.valid_id(video_id) else None
+        record = self._current(video_id) if self.store.valid_id(video_id) else None
         if record is None:
             raise APIError(404, f"no video with id {video_id!r}", param="video_id", code="not_found")
         return record
 
-    def _expire(self, record: JobRecord) -> JobRecord:
-        """A job past its deadline that no replica finished (its owner died) ends `failed`."""
-        if record.status in ("queued", "in_progress") and time.time() > record.deadline_at:
+    def _current(self, video_id: str) -> JobRecord | None:
+        """The record as of now: None once expired; failed once past its deadline unfinished
+        (its owner died and nobody took it over)."""
+        record = self._read(video_id)
+        if record is None:
+            return None
+        now = time.time()
+        if record.expires_at is not None and record.expires_at <= now:
+            self.store.delete(video_id)
+            return None
+        if record.status not in FINISHED and now > record.deadline_at:
             error = JobError(code="deadline_exceeded", message="the job did not finish before its deadline")
-            return self.store.update(record.id, status="failed", error=error) or record
+            return self._finish(record.id, "failed", error=error) or record
         return record
 
     async def _run(self, record: JobRecord) -> None:
         row = dict(record.request)
-        self.store.update(record.id, status="in_progress")
+        self._update(record.id, status="in_progress")
         try:
             result = await asyncio.wait_for(self._generate(row), timeout=record.deadline_at - time.time())
         except asyncio.CancelledError:
@@ -304,17 +552,48 @@ class Ingress:
             code = reason if reason.islower() and reason.replace("_", "").isalpha() else "generation_failed"
             self._fail(record.id, code, result["error"])
             return
-        self.store.put_video(record.id, result["video"], result["suffix"])
-        self.store.update(record.id, status="completed", progress=100, completed_at=int(time.time()))
+        if self.store.get(record.id) is None:  # deleted while its last stage ran
+            return
+        variants = {name: result[name] for name in JobStore.VARIANTS if result.get(name)}
+        self.store.put_video(record.id, result["video"], result["suffix"], variants)
+        if self._finish(record.id, "completed", progress=100) is None:
+            self.store.delete(record.id)  # deleted while its files were written
+            return
         telemetry.inc("kinoray_videos_total", frontend="online")
         telemetry.inc("kinoray_frames_total", int(record.request["num_frames"]), frontend="online")
 
+    def _finish(self, job_id: str, status: str, **changes: Any) -> JobRecord | None:
+        """Record a job's end (its expiry, its event) and drop its progress file."""
+        now = int(time.time())
+        retention = self.serve_config.retention_s
+        record = self._update(
+            job_id,
+            status=status,
+            completed_at=now,
+            expires_at=now + int(retention) if retention is not None else None,
+            **changes,
+        )
+        self.store.delete_progress(job_id)
+        if record is not None:
+            self.outbox.publish(f"video.{status}", job_id)
+        return record
+
     async def _generate(self, row: dict[str, Any]) -> dict[str, Any]:
         for attempt in range(1, ATTEMPTS + 1):
+            responses = []
             try:
                 # Responses are passed on unresolved: embeddings and latents go replica to
                 # replica through the object store, never through the ingress.
-                return await self.decoder.remote(self.denoiser.remote(self.encoder.remote(row)))
+                responses.append(self.encoder.remote(row))
+                responses.append(self.denoiser.remote(responses[0]))
+                responses.append(self.decoder.remote(responses[1]))
+                return await responses[2]
+            except asyncio.CancelledError:
+                # Serve passes the cancellation on to the replicas: the denoiser drops the row
+                # from its batch at the next step.
+                for response in responses:
+                    response.cancel()
+                raise
             except REPLICA_ERRORS:
                 if attempt == ATTEMPTS:
                     raise
@@ -325,5 +604,84 @@ class Ingress:
         raise AssertionError("unreachable")
 
     def _fail(self, job_id: str, code: str, message: str) -> None:
-        self.store.update(job_id, status="failed", error=JobError(code=code, message=message))
+        self._finish(job_id, "failed", error=JobError(code=code, message=message))
         telemetry.inc("kinoray_errors_total", stage="job", reason=code)
+
+    # -- housekeeping: leases, orphaned jobs, expiry, webhooks -------------------------------
+
+    async def _housekeep(self) -> None:
+        last_sweep = 0.0
+        while True:
+            try:
+                self.store.renew_lease(self.owner)
+                await self.outbox.deliver_due()
+                if time.monotonic() - last_sweep >= self.serve_config.sweep_interval_s:
+                    last_sweep = time.monotonic()
+                    self._adopt_orphans()
+                    self._sweep_expired()
+            except Exception:
+                log.exception("housekeeping failed; trying again")
+            await asyncio.sleep(min(LEASE_RENEW_S, self.serve_config.sweep_interval_s))
+
+    def _adopt_orphans(self) -> int:
+        """Unfinished jobs whose replica is gone (no fresh lease): run them again here, or end
+        them `failed: interrupted` (ServeConfig.on_restart)."""
+        if self.draining:
+            return 0
+        adopted = 0
+        for job_id in self.store.active():
+            if job_id in self.jobs:
+                continue
+            record = self.store.get(job_id)
+            if record is None or record.status in FINISHED or record.owner == self.owner:
+                continue
+            age = self.store.lease_age(record.owner) if record.owner else None
+            if age is not None and age < LEASE_STALE_S:
+                continue
+            if self.serve_config.on_restart == "fail":
+                self._fail(job_id, "interrupted", "the server running the job stopped before it finished")
+                continue
+            if len(self.jobs) >= self.serve_config.max_queued_requests:
+                break
+            log.warning("job %s lost its replica; running it again", job_id)
+            self.store.delete_progress(job_id)
+            taken = self.store.update(job_id, owner=self.owner, status="queued", progress=0)
+            if taken is not None:
+                self.live[job_id] = taken
+                self._start(taken)
+                adopted += 1
+        return adopted
+
+    def _sweep_expired(self) -> int:
+        """Delete finished jobs and image files past their retention; ids give their age, so
+        only old enough ones are read."""
+        retention = self.serve_config.retention_s
+        if retention is None:
+            return 0
+        now = time.time()
+        removed = 0
+        for job_id in self.store.ids():
+            if created_at(job_id) + retention > now:
+                break  # ids sort by creation time: the rest are younger
+            if self._current(job_id) is None:
+                removed += 1
+        for image_id, suffix in self.store.images():
+            if created_at(image_id) + retention <= now:
+                self.store.delete_image(image_id, suffix)
+                removed += 1
+        return removed
+
+    async def drain(self, timeout_s: float) -> dict[str, int]:
+        """Stop taking jobs, wait up to `timeout_s` for those in flight, then hand the rest over:
+        this replica's lease is dropped, so the next replica to start runs them again."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self.jobs and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        left = list(self.jobs)
+        for task in list(self.jobs.values()):
+            task.cancel()
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+        self.store.drop_lease(self.owner)
+        return {"unfinished": len(left)}

@@ -9,8 +9,11 @@ from kinoray.models.config import KinorayConfig
 
 
 def serve_forever(config: KinorayConfig, address: str | None = None, verbose: bool = False) -> int:
-    """Deploy the app, print one line with its URL, serve until SIGINT/SIGTERM; returns the exit
-    code (130 / 143)."""
+    """Deploy the app, print one line with its URL, serve until SIGINT or SIGTERM.
+
+    SIGTERM drains first (ServeConfig.drain_timeout_s) and returns 0; SIGINT returns 130. Serve
+    and a local Ray cluster started here are shut down either way, also when the signal comes
+    while the app is still starting."""
     import signal
 
     from ray import serve
@@ -19,30 +22,62 @@ def serve_forever(config: KinorayConfig, address: str | None = None, verbose: bo
     from kinoray.deployments.app import build
     from kinoray.models.cluster import connect, local_cpus
 
-    started = connect(config, address, local_cpus(config, extra=2), verbose)
-    logs = LoggingConfig(log_level="INFO" if verbose else "WARNING")
-    serve.start(http_options={"host": config.serve.host, "port": config.serve.port}, logging_config=logs)
-    serve.run(build(config), name="kinoray", route_prefix="/", logging_config=logs)
-    base = f"http://{config.serve.host}:{config.serve.port}"
-    print(f"kinoray: serving {config.model.weights} at {base}/v1 (API docs: {base}/docs)", flush=True)
-
-    stopped_by = {"code": 130}  # SIGINT unless SIGTERM says otherwise
+    received: dict[str, int] = {}
 
     def on_sigterm(signum: int, frame: object) -> None:
-        stopped_by["code"] = 143
+        received["signal"] = signum
         raise KeyboardInterrupt
 
+    # Before Ray starts: `connect` puts Python handlers back over Ray's (a stack dump, exit 15).
     signal.signal(signal.SIGTERM, on_sigterm)
+    started, serving = False, False
     try:
+        started = connect(config, address, local_cpus(config, extra=2), verbose)
+        logs = LoggingConfig(log_level="INFO" if verbose else "WARNING")
+        serve.start(http_options={"host": config.serve.host, "port": config.serve.port}, logging_config=logs)
+        serve.run(build(config), name="kinoray", route_prefix="/", logging_config=logs)
+        serving = True
+        base = f"http://{config.serve.host}:{config.serve.port}"
+        print(f"kinoray: serving {config.model.weights} at {base}/v1 (API docs: {base}/docs)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
+    # A second signal while shutting down must not interrupt the shutdown.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    terminated = received.get("signal") == signal.SIGTERM
+    if terminated and serving:
+        _drain(config)
     print("kinoray: shutting down", file=sys.stderr, flush=True)
-    if started:  # the local cluster goes with everything on it
+    if started:  # the local cluster goes with everything on it, Serve included
         import ray
 
         ray.shutdown()
-    else:
+    elif serving:
         serve.shutdown()
-    return stopped_by["code"]
+    # SIGTERM is how a supervisor (Kubernetes, systemd) asks for a clean stop: a clean stop is 0.
+    return 0 if terminated else 130
+
+
+def _drain(config: KinorayConfig) -> None:
+    """Stop taking jobs and wait for those in flight; what is left, the next server on the same
+    storage runs again."""
+    from ray import serve
+
+    print(f"kinoray: draining (up to {config.serve.drain_timeout_s:g} s)", file=sys.stderr, flush=True)
+    try:
+        handle = serve.get_deployment_handle("ingress", app_name="kinoray")
+        left = handle.drain.remote(config.serve.drain_timeout_s).result(
+            timeout_s=config.serve.drain_timeout_s + 10
+        )
+    except Exception as exc:  # shutting down regardless
+        print(f"kinoray: drain failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return
+    if left["unfinished"]:
+        print(
+            f"kinoray: {left['unfinished']} job(s) unfinished; the next server on "
+            f"{config.serve.storage} runs them again",
+            file=sys.stderr,
+            flush=True,
+        )

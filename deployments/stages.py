@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from typing import Any
 
 import numpy as np
 from ray import serve
 
+from kinoray.deployments.store import PROGRESS_INTERVAL_S
 from kinoray.models import telemetry
 from kinoray.models.latents import dump_latents
 from kinoray.models.request import REQUEST_COLUMNS
@@ -26,10 +28,9 @@ from kinoray.models.stages import (
     rows_to_batch,
     scalar,
 )
-from kinoray.models.video import encode_video, video_suffix
+from kinoray.models.video import encode_video, spritesheet, thumbnail, video_suffix
 
 Row = dict[str, Any]
-PROGRESS_INTERVAL_S = 0.25
 
 
 class _BatchedStage:
@@ -65,6 +66,12 @@ class EncoderDeployment(_BatchedStage):
 
 
 class DenoiserDeployment(_BatchedStage):
+    """Denoises and reports step progress of video jobs to the job store.
+
+    A job stops at the next step when its request is cancelled (Serve propagates the caller's
+    cancellation here) or when its record leaves the job store (deleted through any ingress
+    replica; checked once per PROGRESS_INTERVAL_S). Its batch-mates go on."""
+
     def __init__(
         self, model: dict[str, Any], storage: str, batch_size: int = 4, batch_wait_timeout_s: float = 0.05
     ):
@@ -74,28 +81,95 @@ class DenoiserDeployment(_BatchedStage):
         self.stage = Denoiser(model, max_batch_size=batch_size)
         self.store = JobStore(storage)
         self._last_progress: dict[str, float] = {}
+        self._last_check: dict[str, float] = {}
+        self.steps_done: dict[str, int] = {}  # rows being denoised -> steps done
+        # id -> (when its cancellation arrived, steps it had done, how: "request" or "storage");
+        # kept an hour at most, for a request cancelled while still queued.
+        self.cancelled: dict[str, tuple[float, int, str]] = {}
+        self.stopped: deque[dict[str, Any]] = deque(maxlen=1000)
+
+    async def __call__(self, row: Row) -> Row:
+        try:
+            return await self.run(row)
+        except asyncio.CancelledError:
+            self._cancel(str(row["id"]), "request")
+            raise
+
+    def _cancel(self, job_id: str, how: str) -> None:
+        now = time.monotonic()
+        self.cancelled = {k: v for k, v in self.cancelled.items() if now - v[0] < 3600}
+        self.cancelled.setdefault(job_id, (now, self.steps_done.get(job_id, 0), how))
+
+    def _cancelled(self, ids: list[str]) -> set[str]:
+        now = time.monotonic()
+        if now - self._last_check.get(ids[0], 0.0) >= PROGRESS_INTERVAL_S:
+            self._last_check[ids[0]] = now
+            for i in ids:
+                if i.startswith("video_") and i not in self.cancelled and self.store.get(i) is None:
+                    self._cancel(i, "storage")
+        return {i for i in ids if i in self.cancelled}
 
     def _progress(self, ids: list[str], done: int, total: int) -> None:
         # Denoising is ~90% of a job: steps map to 5..90%, decoding and storing to the rest.
         # This runs between denoising steps: storage writes (a PUT each on object storage) are
-        # limited to one per PROGRESS_INTERVAL_S per batch, plus the last step.
+        # limited to one per PROGRESS_INTERVAL_S per batch, plus the last step. Image requests
+        # are answered synchronously and report none.
+        ids = [i for i in ids if i.startswith("video_")]
         now = time.monotonic()
-        key = ids[0]
-        if done < total and now - self._last_progress.get(key, 0.0) < PROGRESS_INTERVAL_S:
+        if not ids or done < total and now - self._last_progress.get(ids[0], 0.0) < PROGRESS_INTERVAL_S:
             return
-        self._last_progress[key] = now
-        if done == total:
-            self._last_progress.pop(key, None)
+        self._last_progress[ids[0]] = now
         percent = 5 + int(85 * done / total)
         for job_id in ids:
             self.store.set_progress(job_id, percent)
 
     def process(self, batch: Batch) -> Batch:
-        return self.stage(batch, on_step=self._progress)
+        ids = [str(i) for i in batch["id"]]
+        dropped_at: dict[str, int] = {}
+
+        def on_step(live: list[str], done: int, total: int) -> None:
+            self.steps_done.update(dict.fromkeys(live, done))
+            self._progress(live, done, total)
+
+        def cancelled() -> set[str]:
+            gone = self._cancelled(ids)
+            for i in gone:
+                dropped_at.setdefault(i, self.steps_done.get(i, 0))
+            return gone
+
+        try:
+            out = self.stage(batch, on_step=on_step, cancelled=cancelled)
+        finally:
+            for table in (self._last_check, self._last_progress):
+                table.pop(ids[0], None)
+            for i in ids:
+                self.steps_done.pop(i, None)
+        for i, reason in zip(ids, out["error_reason"]):
+            if reason == "cancelled":
+                # After its last progress write, in the thread that writes them: nothing of a
+                # cancelled job is written after this.
+                self.store.delete_progress(i)
+                _, cancelled_at, how = self.cancelled.pop(i, (0.0, 0, "request"))
+                self.stopped.append(
+                    {
+                        "id": i,
+                        "how": how,
+                        "cancelled_at_step": cancelled_at,
+                        "stopped_at_step": dropped_at.get(i, 0),
+                    }
+                )
+        return out
+
+    def get_stopped(self) -> list[dict[str, Any]]:
+        """The last 1000 cancelled rows: id, how the cancellation came (`request`: Serve's
+        cancellation of the call; `storage`: the job's record was deleted), the steps it had
+        done when it came, and the step after which the row left its batch."""
+        return list(self.stopped)
 
 
 class DecoderDeployment(_BatchedStage):
-    """Decodes, then encodes the MP4 here, so megabytes rather than raw frames travel onwards.
+    """Decodes, then encodes the MP4 (and a video job's thumbnail and spritesheet) here, so
+    megabytes rather than raw frames travel onwards.
 
     A row whose decode ran out of memory with every plan has its latents saved in the job
     store (deleted with the job), and its error says so."""
@@ -116,7 +190,7 @@ class DecoderDeployment(_BatchedStage):
 
     def process(self, batch: Batch) -> Batch:
         out = self.stage(batch)
-        files, suffixes = [], []
+        files, suffixes, thumbnails, sheets = [], [], [], []
         errors = list(out["error"])
         for i in range(batch_len(out)):
             if out["error_reason"][i] == "out_of_memory" and "latents" in out:
@@ -127,12 +201,21 @@ class DecoderDeployment(_BatchedStage):
             if out["error"][i]:
                 files.append(b"")
                 suffixes.append("")
+                thumbnails.append(b"")
+                sheets.append(b"")
                 continue
-            files.append(encode_video(out["frames"][i], int(out["fps"][i])))
+            frames = out["frames"][i]
+            files.append(encode_video(frames, int(out["fps"][i])))
             suffixes.append(video_suffix(int(out["num_frames"][i])))
+            # The Videos API's preview images; an image request needs none.
+            preview = str(out["id"][i]).startswith("video_")
+            thumbnails.append(thumbnail(frames) if preview else b"")
+            sheets.append(spritesheet(frames) if preview else b"")
         del out["frames"]
         out.pop("latents", None)
         out["error"] = np.array(errors, dtype=object)
         out["video"] = np.array(files, dtype=object)
         out["suffix"] = np.array(suffixes, dtype=object)
+        out["thumbnail"] = np.array(thumbnails, dtype=object)
+        out["spritesheet"] = np.array(sheets, dtype=object)
         return out

@@ -17,6 +17,8 @@ from pydantic import BaseModel, Field
 from kinoray.models.request import ID_PATTERN
 
 Status = Literal["queued", "in_progress", "completed", "failed"]
+# The denoiser writes a job's progress at most this often (a PUT each on object storage).
+PROGRESS_INTERVAL_S = 0.25
 
 
 class JobError(BaseModel):
@@ -47,9 +49,13 @@ class JobRecord(BaseModel):
     seed: int
     request: dict[str, Any]
     deadline_at: float
+    owner: str | None = None  # the ingress replica running the job
 
     def public(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"request", "deadline_at"})
+        return self.model_dump(exclude=INTERNAL_FIELDS)
+
+
+INTERNAL_FIELDS = {"request", "deadline_at", "owner"}
 
 
 def new_job_id() -> str:
@@ -57,11 +63,19 @@ def new_job_id() -> str:
     return f"video_{time.time_ns():016x}{uuid.uuid4().hex[:16]}"
 
 
+def created_at(job_id: str) -> float:
+    """When a job or image id (`video_...`, `img_...`) was made (Unix seconds), from the id."""
+    try:
+        return int(job_id.partition("_")[2][:16], 16) / 1e9
+    except ValueError:
+        return 0.0
+
+
 class JobStore:
     def __init__(self, url: str):
         self.url = url.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        for sub in ("jobs", "videos", "progress", "images", "latents"):
+        for sub in ("jobs", "videos", "progress", "images", "latents", "active", "owners", "outbox"):
             self.fs.makedirs(f"{self.root}/{sub}", exist_ok=True)
 
     @staticmethod
@@ -80,7 +94,21 @@ class JobStore:
         self.fs.mv(tmp, path)
 
     def put(self, record: JobRecord) -> None:
+        """Write the record; an unfinished job is also listed in `active/` (see `active`)."""
         self._write(self._path("jobs", record.id, ".json"), record.model_dump_json().encode())
+        marker = self._path("active", record.id)
+        if record.status in ("queued", "in_progress"):
+            if not self.fs.exists(marker):
+                self._write(marker, b"")
+        else:
+            try:
+                self.fs.rm(marker)
+            except FileNotFoundError:
+                pass
+
+    def active(self) -> list[str]:
+        """Ids of unfinished jobs, oldest first, without reading every record."""
+        return sorted(p.rsplit("/", 1)[-1] for p in self.fs.ls(f"{self.root}/active", detail=False))
 
     def get(self, job_id: str) -> JobRecord | None:
         try:
@@ -108,30 +136,60 @@ class JobStore:
         names = (p.rsplit("/", 1)[-1] for p in self.fs.glob(f"{self.root}/jobs/*.json"))
         return sorted(n.removesuffix(".json") for n in names)
 
+    # Every file a job can have: (folder, suffix). Deleting a job removes them all.
+    FILES = (
+        ("jobs", ".json"),
+        ("videos", ".mp4"),
+        ("videos", ".png"),
+        ("videos", ".thumbnail.webp"),
+        ("videos", ".spritesheet.jpg"),
+        ("progress", ".json"),
+        ("latents", ".safetensors"),
+        ("active", ""),
+    )
+    # `variant` of `GET /v1/videos/{id}/content` -> (suffix, media type); "video" is the clip.
+    VARIANTS = {
+        "thumbnail": (".thumbnail.webp", "image/webp"),
+        "spritesheet": (".spritesheet.jpg", "image/jpeg"),
+    }
+
     def delete(self, job_id: str) -> bool:
+        """Remove every file of the job; True if its record was there."""
         found = False
-        for kind, suffix in (
-            ("jobs", ".json"),
-            ("videos", ".mp4"),
-            ("videos", ".png"),
-            ("progress", ".json"),
-            ("latents", ".safetensors"),
-        ):
+        for kind, suffix in self.FILES:
             path = self._path(kind, job_id, suffix)
-            if self.fs.exists(path):
+            try:
                 self.fs.rm(path)
-                found = found or kind == "jobs"
+            except FileNotFoundError:
+                continue
+            found = found or kind == "jobs"
         return found
 
-    def put_video(self, job_id: str, data: bytes, suffix: str) -> None:
+    def delete_progress(self, job_id: str) -> None:
+        try:
+            self.fs.rm(self._path("progress", job_id, ".json"))
+        except FileNotFoundError:
+            pass
+
+    def put_video(
+        self, job_id: str, data: bytes, suffix: str, variants: dict[str, bytes] | None = None
+    ) -> None:
+        """The clip (`suffix` .mp4, or .png for one frame) and its preview images by variant name."""
+        for name, image in (variants or {}).items():
+            self._write(self._path("videos", job_id, self.VARIANTS[name][0]), image)
         self._write(self._path("videos", job_id, suffix), data)
 
-    def get_video(self, job_id: str) -> tuple[bytes, str] | None:
-        for suffix, media in ((".mp4", "video/mp4"), (".png", "image/png")):
-            path = self._path("videos", job_id, suffix)
-            if self.fs.exists(path):
-                with self.fs.open(path, "rb") as f:
+    def get_video(self, job_id: str, variant: str = "video") -> tuple[bytes, str] | None:
+        """(bytes, media type) of the clip or of a variant; None if there is none."""
+        choices = (
+            [self.VARIANTS[variant]] if variant != "video" else [(".mp4", "video/mp4"), (".png", "image/png")]
+        )
+        for suffix, media in choices:
+            try:
+                with self.fs.open(self._path("videos", job_id, suffix), "rb") as f:
                     return f.read(), media
+            except FileNotFoundError:
+                continue
         return None
 
     def put_latents(self, job_id: str, data: bytes) -> None:
@@ -141,15 +199,66 @@ class JobStore:
     def has_latents(self, job_id: str) -> bool:
         return bool(self.fs.exists(self._path("latents", job_id, ".safetensors")))
 
-    def put_image(self, image_id: str, data: bytes) -> None:
-        self._write(self._path("images", image_id, ".png"), data)
+    def put_image(self, image_id: str, data: bytes, suffix: str = "png") -> None:
+        self._write(self._path("images", image_id, f".{suffix}"), data)
 
-    def get_image(self, image_id: str) -> bytes | None:
+    def get_image(self, image_id: str, suffix: str = "png") -> bytes | None:
         try:
-            with self.fs.open(self._path("images", image_id, ".png"), "rb") as f:
+            with self.fs.open(self._path("images", image_id, f".{suffix}"), "rb") as f:
                 return f.read()
         except (KeyError, FileNotFoundError):
             return None
+
+    def delete_image(self, image_id: str, suffix: str) -> None:
+        try:
+            self.fs.rm(self._path("images", image_id, f".{suffix}"))
+        except FileNotFoundError:
+            pass
+
+    def images(self) -> list[tuple[str, str]]:
+        """(id, suffix) of every stored image, oldest first."""
+        names = sorted(p.rsplit("/", 1)[-1] for p in self.fs.ls(f"{self.root}/images", detail=False))
+        return [tuple(n.rsplit(".", 1)) for n in names if "." in n]
+
+    # -- ingress replicas' leases: a job whose owner's lease is stale belongs to nobody ----------
+
+    def renew_lease(self, owner: str) -> None:
+        self._write(f"{self.root}/owners/{owner}.json", json.dumps({"renewed_at": time.time()}).encode())
+
+    def drop_lease(self, owner: str) -> None:
+        try:
+            self.fs.rm(f"{self.root}/owners/{owner}.json")
+        except FileNotFoundError:
+            pass
+
+    def lease_age(self, owner: str) -> float | None:
+        """Seconds since `owner` last renewed its lease; None if it has none."""
+        try:
+            with self.fs.open(f"{self.root}/owners/{owner}.json", "rb") as f:
+                return time.time() - float(json.loads(f.read())["renewed_at"])
+        except (FileNotFoundError, ValueError, KeyError):
+            return None
+
+    # -- the webhook outbox -------------------------------------------------------------------
+
+    def put_outbox(self, name: str, entry: dict[str, Any]) -> None:
+        self._write(f"{self.root}/outbox/{name}.json", json.dumps(entry).encode())
+
+    def delete_outbox(self, name: str) -> None:
+        try:
+            self.fs.rm(f"{self.root}/outbox/{name}.json")
+        except FileNotFoundError:
+            pass
+
+    def outbox(self) -> list[tuple[str, dict[str, Any]]]:
+        entries = []
+        for path in sorted(self.fs.glob(f"{self.root}/outbox/*.json")):
+            try:
+                with self.fs.open(path, "rb") as f:
+                    entries.append((path.rsplit("/", 1)[-1].removesuffix(".json"), json.loads(f.read())))
+            except (FileNotFoundError, ValueError):
+                continue
+        return entries
 
     def set_progress(self, job_id: str, percent: int) -> None:
         self._write(self._path("progress", job_id, ".json"), json.dumps({"progress": percent}).encode())

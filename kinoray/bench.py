@@ -391,6 +391,12 @@ def main(args: argparse.Namespace) -> int:
 
         print(bench_decode.render(bench_decode.run()))
         return 0
+    if args.status_reads:
+        from kinoray import bench_polling
+
+        print(bench_polling.render(bench_polling.run(Path(args.out), args.baseline)))
+        print(f"\nwritten: {Path(args.out) / 'status_reads.json'}")
+        return 0
     if args.startup:
         from kinoray import bench_startup
 

@@ -183,12 +183,22 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from kinoray.deployments.run import serve_forever
+    from kinoray.models.config import ServeConfig, explain
 
     config = _load_config(args)
-    changes = {k: getattr(args, k) for k in ("host", "port") if getattr(args, k) is not None}
+    changes = {k: getattr(args, k) for k in ("host", "port", "storage", "api_keys") if getattr(args, k)}
     if changes:
-        config = config.model_copy(update={"serve": config.serve.model_copy(update=changes)})
+        try:
+            serve_config = ServeConfig.model_validate({**config.serve.model_dump(), **changes})
+        except ValidationError as exc:
+            message = explain(exc, ServeConfig)
+            for key in changes:
+                message = message.replace(f"{key}: ", f"--{key.replace('_', '-').removesuffix('s')}: ")
+            raise UserError(message) from None
+        config = config.model_copy(update={"serve": serve_config})
     return serve_forever(config, address=args.address, verbose=args.verbose)
 
 
@@ -341,6 +351,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else start a local one)")
     s.add_argument("--host", help="address to listen on (default: the config's serve.host, 127.0.0.1)")
     s.add_argument("--port", type=int, help="port to listen on (default: the config's serve.port, 8000)")
+    s.add_argument(
+        "--storage",
+        help="fsspec URL of job records and videos (default: the config's serve.storage, "
+        "else $KINORAY_STORAGE, else ./kinoray-store)",
+    )
+    s.add_argument(
+        "--api-key",
+        dest="api_keys",
+        action="append",
+        metavar="KEY",
+        help="a bearer token clients must send; repeat for several (default: the config's "
+        "serve.api_keys; none means no auth)",
+    )
     s.set_defaults(func=cmd_serve)
 
     k = sub.add_parser("bench", help="kinoray against a diffusers loop and a one-stage Ray Data job")
@@ -371,9 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead: seconds from the command to the first result of batch, serve and generate",
     )
     k.add_argument(
+        "--status-reads",
+        action="store_true",
+        help="instead: status reads per second of `kinoray serve` with 8 and 32 pollers of a running job",
+    )
+    k.add_argument(
         "--baseline",
         metavar="CHECKOUT",
-        help="with --startup: also time another kinoray checkout (first on PYTHONPATH), interleaved",
+        help="with --startup or --status-reads: also measure another kinoray checkout (first on PYTHONPATH)",
     )
     k.set_defaults(func=cmd_bench)
 

@@ -1,7 +1,9 @@
-"""A load generator for the online API, run as its own process: `python -m pipelines.loadgen`.
+"""A load generator for the online API, run as its own process: `python -m kinoray.loadgen`.
 
 Sends `--requests` video jobs at `--concurrency`, polls each until it ends, and prints one JSON
-line: throughput and latency percentiles, measured from this side of the loopback.
+line: throughput and latency percentiles, measured from this side of the loopback. With
+`--status-reads SECONDS`, it instead starts one long job and has `--concurrency` clients read
+its status back to back for that long: status reads per second and their latency.
 """
 
 from __future__ import annotations
@@ -32,6 +34,39 @@ def one(base: str, body: dict, poll_s: float) -> tuple[float, str]:
         time.sleep(poll_s)
 
 
+def status_reads(base: str, pollers: int, seconds: float, body: dict) -> dict:
+    """`pollers` threads GET one running job's status back to back for `seconds`."""
+    resp = requests.post(f"{base}/v1/videos", json=body, timeout=30)
+    resp.raise_for_status()
+    url = f"{base}/v1/videos/{resp.json()['id']}"
+    latencies: list[list[float]] = [[] for _ in range(pollers)]
+    statuses: set[str] = set()
+    stop = time.perf_counter() + seconds
+
+    def poller(k: int) -> None:
+        with requests.Session() as session:
+            while time.perf_counter() < stop:
+                start = time.perf_counter()
+                answer = session.get(url, timeout=30)
+                latencies[k].append(time.perf_counter() - start)
+                statuses.add(answer.json()["status"] if answer.ok else str(answer.status_code))
+
+    threads = [threading.Thread(target=poller, args=(k,)) for k in range(pollers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    requests.delete(url, timeout=30)
+    lat = np.concatenate([np.array(x) for x in latencies])
+    return {
+        "pollers": pollers,
+        "reads_per_s": round(len(lat) / seconds, 1),
+        "p50_ms": round(1000 * float(np.percentile(lat, 50)), 1),
+        "p99_ms": round(1000 * float(np.percentile(lat, 99)), 1),
+        "statuses": sorted(statuses),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--base", required=True, help="http://host:port")
@@ -43,7 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0.5,
         help="seconds between status polls (the openai SDK polls every 1 s)",
     )
+    p.add_argument("--status-reads", type=float, metavar="SECONDS", help="measure status reads instead")
     args = p.parse_args(argv)
+    if args.status_reads:
+        body = {"prompt": "a long job to poll", "num_inference_steps": 200, "seed": 0}
+        print(json.dumps(status_reads(args.base, args.concurrency, args.status_reads, body)))
+        return 0
     latencies: list[float] = []
     statuses: list[str] = []
     lock = threading.Lock()

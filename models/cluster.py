@@ -18,6 +18,7 @@ import socket
 import sys
 from typing import Any
 
+from kinoray.models import reaper
 from kinoray.models.config import KinorayConfig
 
 # Loggers whose INFO lines only `verbose` shows, and notices about kinoray's own choices
@@ -95,6 +96,8 @@ def connect(
         **init,
     )
     _restore(handlers)
+    # Nothing of the cluster outlives this process, even a SIGKILLed one.
+    reaper.start(os.getpid())
     print(f"kinoray: local Ray cluster, {where}", file=sys.stderr, flush=True)
     return True
 

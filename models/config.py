@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kinoray.models.request import LimitOverrides, RequestBuilder, RequestDefaults
 from kinoray.models.spec import ModelSpec
@@ -109,6 +109,37 @@ class BatchConfig(BaseModel):
     pushgateway: str | None = Field(default=None, description="push the final summary here (host:port)")
 
 
+class WebhookEndpoint(BaseModel):
+    """A receiver of job events, signed as OpenAI signs its webhooks (Standard Webhooks)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(description="http(s) URL the events are POSTed to")
+    secret: str = Field(description="signing secret, `whsec_` + base64 (as OpenAI's dashboard gives)")
+    events: list[str] = Field(
+        default_factory=lambda: ["video.completed", "video.failed"],
+        description="event types sent here: video.completed, video.failed, video.cancelled",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return url
+
+    @field_validator("events")
+    @classmethod
+    def _known(cls, events: list[str]) -> list[str]:
+        unknown = sorted(set(events) - set(WEBHOOK_EVENTS))
+        if unknown:
+            raise ValueError(f"unknown event(s) {', '.join(unknown)}; known: {', '.join(WEBHOOK_EVENTS)}")
+        return events
+
+
+WEBHOOK_EVENTS = ("video.completed", "video.failed", "video.cancelled")
+
+
 class ServeConfig(BaseModel):
     """Online app settings."""
 
@@ -120,7 +151,7 @@ class ServeConfig(BaseModel):
     )
     api_keys: list[str] = Field(default_factory=list, description="bearer tokens; empty means no auth")
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(default=8000, ge=1, le=65535)
     model_aliases: list[str] = Field(
         default_factory=lambda: [
             "sora-2",
@@ -137,6 +168,31 @@ class ServeConfig(BaseModel):
     retry_after_s: int = Field(default=5, ge=1, description="Retry-After of a 429")
     job_deadline_s: float = Field(default=3600.0, gt=0, description="a job not finished by then ends failed")
     ingress_replicas: int = Field(default=1, ge=1)
+    retention_s: float | None = Field(
+        default=86400.0,
+        gt=0,
+        description="finished videos (and their files) are deleted this long after they finish "
+        "(`expires_at`); null keeps them",
+    )
+    sweep_interval_s: float = Field(
+        default=5.0, gt=0, description="how often expired jobs and jobs of departed replicas are looked for"
+    )
+    on_restart: Literal["requeue", "fail"] = Field(
+        default="requeue",
+        description="unfinished jobs of a replica that is gone: run them again (same seed, same "
+        "video), or end them failed with code `interrupted`",
+    )
+    drain_timeout_s: float = Field(
+        default=30.0, ge=0, description="on SIGTERM, how long jobs in flight may take to finish"
+    )
+    poll_after_ms: int = Field(
+        default=1000,
+        ge=0,
+        description="`openai-poll-after-ms` of status answers, which the openai client waits",
+    )
+    webhooks: list[WebhookEndpoint] = Field(
+        default_factory=list, description="where `video.*` events are POSTed, signed (Standard Webhooks)"
+    )
 
 
 class RayConfig(BaseModel):

@@ -29,6 +29,18 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
     "kinoray_in_flight": ("gauge", "Rows being computed by a stage replica", ("stage",), None),
     "kinoray_denoise_steps_total": ("counter", "Denoising steps done, summed over rows", (), None),
     "kinoray_jobs_in_flight": ("gauge", "Online video jobs accepted and not finished", (), None),
+    "kinoray_jobs_cancelled_total": (
+        "counter",
+        "Online requests stopped before they finished: videos deleted, images whose client left",
+        ("kind",),
+        None,
+    ),
+    "kinoray_webhook_deliveries_total": (
+        "counter",
+        "Webhook delivery attempts by event type and outcome (delivered, retried, given_up)",
+        ("type", "outcome"),
+        None,
+    ),
     "kinoray_decode_plans_total": (
         "counter",
         "VAE decode calls by plan (whole, split, tiled, tiled_small)",

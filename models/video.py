@@ -84,3 +84,41 @@ def probe_video(data: bytes) -> dict[str, object]:
             "frames": frames,
             "fps": float(stream.average_rate),
         }
+
+
+# The preview images of OpenAI's Videos API (`GET /v1/videos/{id}/content?variant=...`).
+SPRITESHEET_FRAMES = 16
+SPRITESHEET_TILE_WIDTH = 256
+
+
+def thumbnail(frames: np.ndarray) -> bytes:
+    """The middle frame of a clip (T, H, W, 3) uint8, at its size, as WebP (quality 90)."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(frames[len(frames) // 2]).save(out, format="WEBP", quality=90)
+    return out.getvalue()
+
+
+def spritesheet(
+    frames: np.ndarray, max_frames: int = SPRITESHEET_FRAMES, tile_width: int = SPRITESHEET_TILE_WIDTH
+) -> bytes:
+    """Up to `max_frames` evenly spaced frames of a clip (T, H, W, 3) uint8 (first and last
+    included), as one JPEG (quality 85): tiles `tile_width` pixels wide at most (aspect kept),
+    left to right then top to bottom in rows of ceil(sqrt(k)) tiles."""
+    from PIL import Image
+
+    k = min(len(frames), max_frames)
+    picks = np.linspace(0, len(frames) - 1, k).round().astype(int)
+    h, w = frames.shape[1:3]
+    tw = min(w, tile_width)
+    th = max(1, round(h * tw / w))
+    cols = int(np.ceil(np.sqrt(k)))
+    rows = int(np.ceil(k / cols))
+    sheet = Image.new("RGB", (cols * tw, rows * th))
+    for n, i in enumerate(picks):
+        tile = Image.fromarray(frames[i]).resize((tw, th), Image.Resampling.LANCZOS)
+        sheet.paste(tile, ((n % cols) * tw, (n // cols) * th))
+    out = io.BytesIO()
+    sheet.save(out, format="JPEG", quality=85)
+    return out.getvalue()

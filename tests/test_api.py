@@ -1,5 +1,7 @@
 """The HTTP surface's parsing, without a server: bodies -> requests, errors naming the field sent."""
 
+import json
+
 import pytest
 
 from kinoray.deployments.api import APIError, parse_create, parse_images
@@ -44,3 +46,93 @@ def test_images_on_the_default_model_refuse_a_size_it_cannot_hold():
     with pytest.raises(APIError) as info:
         parse_images({"prompt": "x", "size": "1024x1024"}, MODELS, BUILDER, ["img_1"])
     assert (info.value.status, info.value.param) == (400, "size")
+
+
+@pytest.mark.parametrize("seconds", ["0.01", 0.2, "40"])
+def test_a_length_outside_the_model_is_a_400_in_seconds_not_frames(seconds):
+    with pytest.raises(APIError) as info:
+        create(seconds=seconds)
+    assert (info.value.status, info.value.param) == (400, "seconds")
+    # The message speaks of what the client sent and what it may send, in seconds.
+    assert "num_frames" not in info.value.message and "seconds must be between" in info.value.message
+
+
+def test_a_video_request_for_one_frame_is_a_400():
+    with pytest.raises(APIError) as info:
+        create(num_frames=1)
+    assert (info.value.status, info.value.param) == (400, "num_frames")
+    assert "images/generations" in info.value.message
+
+
+def test_an_image_model_refuses_the_videos_api_naming_model():
+    builder = KinorayConfig.model_validate({"model": {"weights": "tiny-flux"}}).request_builder()
+    with pytest.raises(APIError) as info:
+        parse_create({"prompt": "x"}, ["tiny-flux"], builder, "video_1")
+    assert (info.value.status, info.value.param) == (400, "model")
+
+
+@pytest.mark.parametrize("field", ["guidance_scale", "seconds"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "nan", "-Infinity"])
+def test_non_finite_numbers_are_400s_naming_the_field(field, value):
+    with pytest.raises(APIError) as info:
+        create(**{field: value})
+    assert (info.value.status, info.value.param) == (400, field)
+
+
+def test_a_model_that_is_not_served_is_a_404_naming_model():
+    with pytest.raises(APIError) as info:
+        create(model="veo-3")
+    assert (info.value.status, info.value.param) == (404, "model")
+
+
+def test_images_accept_what_openai_clients_send_by_default():
+    body = {
+        "prompt": "x",
+        "size": "auto",
+        "quality": "auto",
+        "moderation": "auto",
+        "background": "auto",
+        "stream": False,
+        "output_format": "webp",
+        "output_compression": 80,
+        "n": 2,
+    }
+    parsed, reqs = parse_images(body, MODELS, BUILDER, ["img_1", "img_2"])
+    assert len(reqs) == 2 and parsed.output_format == "webp"
+    assert all(r.sampling.num_frames == 1 for r in reqs)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("background", "transparent"),
+        ("stream", True),
+        ("quality", "hd"),
+        ("moderation", "low"),
+        ("style", "natural"),
+    ],
+)
+def test_images_refuse_by_name_what_kinoray_cannot_honour(field, value):
+    with pytest.raises(APIError) as info:
+        parse_images({"prompt": "x", field: value}, MODELS, BUILDER, ["img_1"])
+    assert (info.value.status, info.value.param) == (400, field)
+    assert repr(value) in info.value.message
+
+
+def test_webhook_signatures_verify_with_the_official_client():
+    import base64
+    import time
+
+    import openai
+
+    from kinoray.deployments.webhooks import event, signature_headers
+
+    secret = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
+    payload = event("video.completed", "video_1")
+    body = json.dumps(payload).encode()
+    headers = signature_headers(secret, payload["id"], int(time.time()), body)
+    client = openai.OpenAI(api_key="unused", base_url="http://127.0.0.1:9", webhook_secret=secret)
+    unwrapped = client.webhooks.unwrap(body, headers)
+    assert (unwrapped.type, unwrapped.data.id) == ("video.completed", "video_1")
+    with pytest.raises(openai.InvalidWebhookSignatureError):
+        client.webhooks.verify_signature(body + b" ", headers)

@@ -26,7 +26,7 @@ class FakeAdapter:
             raise ValueError("tokenizer exploded")
         return {"prompt_embeds": np.array([[len(t), 0.0] for t in texts], np.float32)}
 
-    def denoise(self, conditioning, seeds, sampling, on_step=None):
+    def denoise(self, conditioning, seeds, sampling, on_step=None, cancelled=None):
         self.calls.append(("denoise", len(seeds), sampling))
         if self.bad_seed in seeds:
             raise MemoryError("out of memory")

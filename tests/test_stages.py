@@ -140,3 +140,36 @@ def test_compile_wraps_the_denoiser_transformer():
     # nn.Module.compile() swaps in a compiled forward; running it would only cost compile time here.
     assert pipe.transformer._compiled_call_impl is not None
     assert pipe.transformer_2._compiled_call_impl is not None
+
+
+def test_a_cancelled_row_leaves_its_batch_and_its_batch_mates_are_undisturbed(local):
+    reqs = [local.request(prompt=f"row number {i}", seed=300 + i) for i in range(3)]
+    embedded = local.encoder(requests_to_batch(reqs))
+    ids = [str(i) for i in embedded["id"]]
+    denoiser = local.denoiser
+    denoiser.max_batch_size = None
+    undisturbed = denoiser(embedded)["latents"]
+    rows_per_step: list[int] = []
+
+    def on_step(live, done, total):
+        rows_per_step.append(len(live))
+
+    # Row 1 is cancelled after the second step.
+    out = denoiser(
+        embedded, on_step=on_step, cancelled=lambda: {ids[1]} if len(rows_per_step) >= 2 else set()
+    )
+    assert list(out["error_reason"]) == ["", "cancelled", ""]
+    for i in (0, 2):
+        np.testing.assert_allclose(out["latents"][i], undisturbed[i], rtol=1e-4, atol=1e-4)
+    steps = reqs[0].sampling.num_inference_steps
+    assert len(rows_per_step) == steps
+    if denoiser.adapter.drops_rows:  # it left the batch at the next step
+        assert rows_per_step == [3, 3] + [2] * (steps - 2)
+    else:  # computed with its batch to the end, then discarded
+        assert rows_per_step == [3] * steps
+
+    # A batch whose rows are all cancelled stops at once, whatever the family.
+    rows_per_step.clear()
+    out = denoiser(embedded, on_step=on_step, cancelled=lambda: set(ids))
+    assert list(out["error_reason"]) == ["cancelled"] * 3
+    assert rows_per_step == [3]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
@@ -27,7 +27,9 @@ if TYPE_CHECKING:
     from kinoray.models.decode_plan import DecodePlan
 
 StageName = Literal["encode", "denoise", "decode"]
-StepCallback = Callable[[int, int], None]  # (steps done, total steps)
+StepCallback = Callable[[int, int, int], None]  # (steps done, total steps, rows in the step)
+# -> the positions (in the call's rows) of rows whose compute should stop
+CancelledRows = Callable[[], Collection[int]]
 
 # Which pipeline components each stage loads; everything else is passed to from_pretrained as None.
 STAGE_COMPONENTS: dict[str, frozenset[str]] = {
@@ -69,6 +71,11 @@ class FamilyAdapter:
     # measured on the tiny preset by `kinoray bench --decode-memory`.
     decode_chunk_frames: ClassVar[int | None] = None
     decode_memory_factor: ClassVar[float] = 8.0
+    # Whether a cancelled row can leave a running batch between two steps (see `_drop_rows`):
+    # true where every per-row tensor of the pipeline's loop is a callback input or scheduler
+    # state. Elsewhere a cancelled row is computed to the end with its batch and then discarded,
+    # and a batch whose rows are all cancelled stops at once.
+    drops_rows: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -279,10 +286,14 @@ class FamilyAdapter:
         seeds: Sequence[int],
         sampling: SamplingParams,
         on_step: StepCallback | None = None,
+        cancelled: CancelledRows | None = None,
     ) -> np.ndarray:
         """One group of equal `sampling` -> float32 latents (N, ...), one generator per seed.
 
         `conditioning` holds each of `self.conditioning` and its `negative_` twin, stacked per row.
+        `cancelled`, asked after every step, names rows to stop: they leave the batch at the next
+        step (`drops_rows`), or the whole call stops once every row is cancelled; a stopped row's
+        latents are zeros. The other rows' results are those of an undisturbed call.
         """
         import torch
 
@@ -291,13 +302,24 @@ class FamilyAdapter:
         # One CPU generator per row: each row's noise depends on its own seed only, on any device,
         # exactly as `pipe(generator=torch.Generator().manual_seed(seed))` draws it for one prompt.
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        callback = None
-        if on_step is not None:
-            total = sampling.num_inference_steps
+        live = list(range(len(seeds)))  # the rows still in the pipeline's batch, in its order
+        total = sampling.num_inference_steps
 
-            def callback(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-                on_step(i + 1, total)
+        def callback(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            if on_step is not None:
+                on_step(i + 1, total, len(live))
+            gone = set(cancelled()) & set(live) if cancelled is not None else set()
+            if not gone:
                 return {}
+            if len(gone) == len(live):
+                pipe._interrupt = True  # the pipeline skips its remaining steps
+                live.clear()
+                return {}
+            if not self.drops_rows:
+                return {}
+            keep = [k for k, row in enumerate(live) if row not in gone]
+            live[:] = [live[k] for k in keep]
+            return self._drop_rows(pipe, keep, len(gone) + len(keep), kwargs)
 
         tensors = {}
         for name, array in conditioning.items():
@@ -310,10 +332,45 @@ class FamilyAdapter:
                 generator=generators,
                 max_sequence_length=self.max_sequence_length,
                 output_type="latent",
-                callback_on_step_end=callback,
+                callback_on_step_end=callback if on_step or cancelled else None,
+                callback_on_step_end_tensor_inputs=list(self.pipe._callback_tensor_inputs),
                 return_dict=False,
             )[0]
-        return self._latents_out(latents, sampling).float().cpu().numpy()
+            out = self._latents_out(latents, sampling).float().cpu()
+        if len(live) == len(seeds):
+            return out.numpy()
+        full = torch.zeros((len(seeds), *out.shape[1:]), dtype=out.dtype)
+        if live:
+            full[live] = out
+        return full.numpy()
+
+    @staticmethod
+    def _drop_rows(pipe: Any, keep: list[int], n: int, tensors: dict[str, Any]) -> dict[str, Any]:
+        """The callback's answer that shrinks a running batch of `n` rows to rows `keep`.
+
+        Per-row tensors have the batch first: `n` rows, or `2n` where the pipeline concatenated
+        the negative and positive halves for classifier-free guidance. The scheduler's per-row
+        history (a multistep solver's previous outputs) is sliced in place; its schedule arrays
+        are 1-D and stay.
+        """
+        import torch
+
+        def take(t: Any) -> Any:
+            if not isinstance(t, torch.Tensor) or t.ndim < 2:
+                return t
+            if t.shape[0] == n:
+                return t[keep]
+            if t.shape[0] == 2 * n:
+                return torch.cat([t[:n][keep], t[n:][keep]])
+            return t
+
+        state = pipe.scheduler.__dict__
+        for name, value in list(state.items()):
+            if isinstance(value, list):
+                state[name] = [take(v) for v in value]
+            else:
+                state[name] = take(value)
+        return {name: take(t) for name, t in tensors.items()}
 
     def _latents_out(self, latents: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
         """The pipeline's latent output -> what its VAE decode path starts from."""

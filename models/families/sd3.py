@@ -16,6 +16,7 @@ class SD3Adapter(FluxAdapter):
     pipeline_class = "StableDiffusion3Pipeline"
     default_max_sequence_length = 256
     caches = frozenset()  # SD3's transformer has no cache hooks in diffusers 0.42
+    drops_rows = True  # its loop's per-row tensors are all callback inputs (Flux's guidance is not)
     # The SD3 medium model card's settings.
     defaults = {
         "height": 1024,

@@ -19,6 +19,7 @@ class WanAdapter(FamilyAdapter):
     default_max_sequence_length = 512
     caches = frozenset({"first_block"})
     decode_chunk_frames = 4  # its causal VAE decodes one latent frame at a time
+    drops_rows = True  # its loop's per-row tensors: latents and the two prompt embeddings
     # The Wan 2.1 T2V model card's settings for 480p.
     defaults = {
         "height": 480,

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Collection, Hashable
 from typing import Any
 
 import numpy as np
 
 from kinoray.models import telemetry
 from kinoray.models.request import SAMPLING_FIELDS, SamplingParams
-from kinoray.models.stages.base import Batch, ModelStage
+from kinoray.models.stages.base import Batch, ModelStage, RowError
 
-# (row ids of the chunk, steps done, total steps)
+# (ids of the rows the step computed, steps done, total steps)
 ProgressCallback = Callable[[list[str], int, int], None]
+# -> ids of rows whose compute should stop (asked between steps)
+CancelledIds = Callable[[], Collection[str]]
 
 
 def sampling_of(batch: Batch, i: int) -> SamplingParams:
@@ -61,14 +63,37 @@ class Denoiser(ModelStage):
         rows: list[int],
         key: Hashable,
         on_step: ProgressCallback | None = None,
+        cancelled: CancelledIds | None = None,
         **kwargs: Any,
     ) -> dict[str, list[Any]]:
+        """Denoise one group. Rows named by `cancelled` stop at the next step (see
+        `FamilyAdapter.denoise`) and come out as `RowError("cancelled")`."""
         assert isinstance(key, SamplingParams)
         ids = [str(batch["id"][i]) for i in rows]
-        progress = (lambda done, total: on_step(ids, done, total)) if on_step else None
+        stopped: set[str] = set()
+
+        def cancelled_rows() -> list[int]:
+            gone = set(cancelled()) if cancelled is not None else set()
+            stopped.update(i for i in ids if i in gone)
+            return [k for k, i in enumerate(ids) if i in stopped]
+
+        def step(done: int, total: int, computed: int) -> None:
+            # Counted as steps happen, so the counter shows where a cancelled row stopped.
+            telemetry.inc("kinoray_denoise_steps_total", computed)
+            if on_step is not None:
+                # The rows this step computed: those not dropped at an earlier step.
+                in_step = [i for i in ids if i not in stopped] if self.adapter.drops_rows else ids
+                on_step(in_step, done, total)
+
         conditioning = {c: np.stack([batch[c][i] for i in rows]) for c in self.conditioning_columns()}
         seeds = [int(batch["seed"][i]) for i in rows]
-        latents = self.adapter.denoise(conditioning, seeds, key, on_step=progress)
+        latents = self.adapter.denoise(
+            conditioning, seeds, key, on_step=step, cancelled=cancelled_rows if cancelled else None
+        )
         self.batch_sizes.append(len(rows))
-        telemetry.inc("kinoray_denoise_steps_total", key.num_inference_steps * len(rows))
-        return {"latents": list(latents)}
+        return {
+            "latents": [
+                RowError("cancelled", f"row {i} was cancelled") if i in stopped else latent
+                for i, latent in zip(ids, latents)
+            ]
+        }
