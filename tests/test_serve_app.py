@@ -200,7 +200,7 @@ def error_of(resp):
         ({"prompt": ""}, "prompt", "empty"),
         ({"prompt": "x", "size": "100x64"}, "size", "multiple of 16"),
         ({"prompt": "x", "size": "1280x720"}, "size", "between 16 and 128"),
-        ({"prompt": "x", "seconds": "40"}, "seconds", "between 1 and 33"),
+        ({"prompt": "x", "seconds": "40"}, "seconds", "between 0.625 and 4"),
         ({"prompt": "x", "size": "huge"}, "size", "832x480"),
         ({"prompt": "x", "seconds": "-1"}, "seconds", "greater than 0"),
         ({"prompt": "x", "seed": "abc"}, "seed", "integer"),
