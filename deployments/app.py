@@ -55,7 +55,10 @@ def build(config: KinorayConfig) -> Application:
     return (
         serve.deployment(Ingress)
         .options(
-            name="ingress", num_replicas=config.serve.ingress_replicas, ray_actor_options={"num_cpus": 0.25}
+            name="ingress",
+            num_replicas=config.serve.ingress_replicas,
+            max_ongoing_requests=config.serve.ingress_max_ongoing_requests,
+            ray_actor_options={"num_cpus": 0.25},
         )
         .bind(config.model_dump(mode="json"), encoder, denoiser, decoder)
     )

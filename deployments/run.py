@@ -62,17 +62,34 @@ def serve_forever(config: KinorayConfig, address: str | None = None, verbose: bo
 
 def _drain(config: KinorayConfig) -> None:
     """Stop taking jobs and wait for those in flight; what is left, the next server on the same
-    storage runs again."""
+    storage runs again. Bounded: when the cluster itself went down with the signal (SIGTERM to
+    the whole process group), Ray's calls would wait a minute for it."""
+    import threading
+
     from ray import serve
 
-    print(f"kinoray: draining (up to {config.serve.drain_timeout_s:g} s)", file=sys.stderr, flush=True)
-    try:
-        handle = serve.get_deployment_handle("ingress", app_name="kinoray")
-        left = handle.drain.remote(config.serve.drain_timeout_s).result(
-            timeout_s=config.serve.drain_timeout_s + 10
+    timeout = config.serve.drain_timeout_s
+    print(f"kinoray: draining (up to {timeout:g} s)", file=sys.stderr, flush=True)
+    outcome: dict[str, object] = {}
+
+    def drain() -> None:
+        try:
+            handle = serve.get_deployment_handle("ingress", app_name="kinoray")
+            outcome["left"] = handle.drain.remote(timeout).result(timeout_s=timeout + 5)
+        except Exception as exc:  # shutting down regardless
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=drain, daemon=True)
+    worker.start()
+    worker.join(timeout + 10)
+    left = outcome.get("left")
+    if not isinstance(left, dict):
+        error = outcome.get("error", "no answer from the ingress")
+        print(
+            f"kinoray: drain failed ({error}); unfinished jobs run again on restart",
+            file=sys.stderr,
+            flush=True,
         )
-    except Exception as exc:  # shutting down regardless
-        print(f"kinoray: drain failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return
     if left["unfinished"]:
         print(

@@ -1,8 +1,9 @@
 """`kinoray bench --status-reads`: how many status reads a server answers while it generates.
 
 For the current checkout (and, with `baseline`, another one, first on PYTHONPATH), start
-`kinoray serve`, start one long job, and have 8 then 32 clients read its status back to back
-(`kinoray.loadgen.status_reads`); ratios are current / baseline reads per second.
+`kinoray serve`, start one job, and have 8 then 32 clients read its status back to back for
+10 s while it runs and ends (`kinoray.loadgen.status_reads`); ratios are current / baseline
+reads per second.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ from kinoray.bench_startup import _cli, _env
 
 POLLERS = (8, 32)
 SECONDS = 10.0
-JOB = {"prompt": "a long job to poll", "num_inference_steps": 200, "seed": 0}
+# Long enough on the default model to stay in progress through both measurements.
+JOB = {
+    "prompt": "a long job to poll",
+    "num_inference_steps": 200,
+    "height": 128,
+    "width": 128,
+    "num_frames": 33,
+}
 
 
 def _serve(work: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
@@ -53,7 +61,7 @@ def measure(env: dict[str, str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as work:
         proc, base = _serve(Path(work), env)
         try:
-            return {f"{n}_pollers": status_reads(base, n, SECONDS, JOB) for n in POLLERS}
+            return {f"{n}_pollers": status_reads(base, n, SECONDS, {**JOB, "seed": n}) for n in POLLERS}
         finally:
             proc.send_signal(signal.SIGINT)
             try:

@@ -168,6 +168,13 @@ class ServeConfig(BaseModel):
     retry_after_s: int = Field(default=5, ge=1, description="Retry-After of a 429")
     job_deadline_s: float = Field(default=3600.0, gt=0, description="a job not finished by then ends failed")
     ingress_replicas: int = Field(default=1, ge=1)
+    ingress_max_ongoing_requests: int = Field(
+        default=256,
+        ge=1,
+        description="HTTP requests an ingress replica handles at once; they wait on I/O and on "
+        "the stages, so far more than Serve's default of 5 (past which Serve's router backs off "
+        "and retries, and status polls pile up)",
+    )
     retention_s: float | None = Field(
         default=86400.0,
         gt=0,

@@ -89,7 +89,14 @@ def server(serve_base, tmp_path_factory, receivers):
         }
     )
     short = KinorayConfig.model_validate(
-        {"serve": {"storage": str(store / "short"), "retention_s": 2, "sweep_interval_s": 0.5}}
+        {
+            "serve": {
+                "storage": str(store / "short"),
+                "retention_s": 2,
+                "sweep_interval_s": 0.5,
+                "on_restart": "fail",
+            }
+        }
     )
     serve.run(build(main), name="kinoray", route_prefix="/")
     serve.run(build(short), name="short", route_prefix="/short")
@@ -287,6 +294,25 @@ def test_finished_videos_expire_and_their_files_go(server):
     wait_for(lambda: files_of(server["short_store"], v.id) == [], timeout=15)
     with pytest.raises(openai.NotFoundError):
         short.videos.retrieve(v.id)
+
+
+def test_a_job_whose_replica_is_gone_ends_interrupted_when_so_configured(server):
+    """What a server killed mid-job leaves (tests/test_serve_restart.py kills one for real and
+    restarts it with `on_restart: requeue`): a running job owned by a replica with no lease."""
+    from kinoray.deployments.store import JobRecord, JobStore, new_job_id
+
+    store = JobStore(str(server["short_store"]))
+    job_id = new_job_id()
+    request = {"id": job_id, "prompt": "orphan", "seed": 1}
+    store.put(
+        JobRecord(
+            id=job_id, model="tiny-wan", status="in_progress", seconds="1", size="64x64", seed=1,
+            request=request, deadline_at=time.time() + 600, owner="a-replica-that-died",
+        )
+    )  # fmt: skip
+    short = openai.OpenAI(base_url=f"{server['url']}/short/v1", api_key="none", max_retries=0)
+    wait_for(lambda: short.videos.retrieve(job_id).status == "failed", timeout=15)
+    assert short.videos.retrieve(job_id).error.code == "interrupted"
 
 
 # -- HTTP as browsers, players and proxies use it ------------------------------------------------
