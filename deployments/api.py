@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import secrets
 from typing import Any, Literal
 
@@ -94,10 +95,10 @@ class OpenAIImageFields(BaseModel):
 
     prompt: str
     model: str | None = None
-    n: int = Field(default=1, ge=1, le=10)
+    n: int | None = Field(default=1, ge=1, le=10)
     size: str | None = Field(default=None, description="WIDTHxHEIGHT, e.g. 1024x1024, or auto")
-    response_format: Literal["b64_json", "url"] = "b64_json"
-    output_format: Literal["png", "jpeg", "webp"] = "png"
+    response_format: Literal["b64_json", "url"] | None = "b64_json"
+    output_format: Literal["png", "jpeg", "webp"] | None = "png"
     output_compression: int | None = Field(default=None, ge=0, le=100, description="jpeg/webp quality")
     quality: str | None = None
     style: str | None = None
@@ -147,7 +148,14 @@ ImageGenerateBody = partial_model(
 
 
 def validate_body(model: type[BaseModel], data: dict[str, Any]) -> Any:
-    """`data` as `model`; raises a 400 APIError naming the first bad field."""
+    """`data` as `model`; raises a 400 APIError naming the first bad field. A JSON true or
+    false is refused for a field that is not a boolean (pydantic would read it as 1 or 0)."""
+    for name, value in data.items():
+        field = model.model_fields.get(name)
+        if isinstance(value, bool) and field is not None and "bool" not in str(field.annotation):
+            raise APIError(
+                400, f"{name}: expected a number or a string, got {value}", param=name, code="invalid_value"
+            )
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -160,6 +168,9 @@ def parse_images(
 ) -> tuple[Any, list[GenerationRequest]]:
     """Body -> one single-frame request per image (consecutive seeds from `seed`)."""
     body = validate_body(ImageGenerateBody, data)
+    # OpenAI's spec lets these be null, meaning the default.
+    nulls = {k: OpenAIImageFields.model_fields[k].default for k in ("n", "response_format", "output_format")}
+    body = body.model_copy(update={k: v for k, v in nulls.items() if getattr(body, k) is None})
     for name, accepted in IGNORED_IMAGE_VALUES.items():
         value = getattr(body, name)
         if value is not None and value not in accepted:
@@ -189,6 +200,9 @@ def parse_images(
         )
         requests.append(req)
     return body, requests
+
+
+_SIZE = re.compile(r"([0-9]+)x([0-9]+)", re.ASCII)
 
 
 class _NonFinite(float):
@@ -293,7 +307,12 @@ def parse_create(
     """
     body = validate_body(VideoCreateBody, data)
     if body.input_reference is not None:
-        raise APIError(400, "input_reference is not supported by this model", param="input_reference")
+        raise APIError(
+            400,
+            "input_reference is not supported by this model",
+            param="input_reference",
+            code="unsupported_value",
+        )
     model = body.model or served_models[0]
     if model not in served_models:
         raise APIError(
@@ -313,16 +332,36 @@ def parse_create(
     fields: dict[str, Any] = {k: getattr(body, k) for k in VIDEO_EXTRA_FIELDS if getattr(body, k) is not None}
     sent_as: dict[str, str] = {}
     if body.size is not None:
-        try:
-            w, h = (int(x) for x in body.size.lower().split("x"))
-        except ValueError:
-            raise APIError(400, f"size must look like 832x480 (got {body.size!r})", param="size") from None
+        match = _SIZE.fullmatch(body.size.strip().lower())
+        if match is None:
+            raise APIError(
+                400, f"size must look like 832x480 (got {body.size!r})", param="size", code="invalid_value"
+            )
+        w, h = int(match.group(1)), int(match.group(2))
         for name, value in (("width", w), ("height", h)):
-            if name not in fields:
-                fields[name] = value
-                sent_as[name] = "size"
+            if fields.get(name, value) != value:
+                raise APIError(
+                    400,
+                    f"size {body.size!r} and {name} {fields[name]} disagree; send one of them",
+                    param=name,
+                    code="invalid_value",
+                )
+            fields[name] = value
+            sent_as[name] = "size"
+    if body.seconds is not None and "num_frames" in fields:
+        raise APIError(
+            400, "seconds and num_frames both set the length; send one of them", param="num_frames",
+            code="invalid_value",
+        )  # fmt: skip
     fps = fields.get("fps", builder.defaults["fps"])
-    if body.seconds is not None and "num_frames" not in fields:
+    if body.seconds is not None and not 1 <= fps <= limits.max_fps:
+        raise APIError(
+            400,
+            f"fps must be between 1 and {limits.max_fps} (got {fps:g})",
+            param="fps",
+            code="invalid_value",
+        )
+    if body.seconds is not None:
         step = limits.frame_step
         # The nearest frame count the VAE takes: 1 + k * frame_step.
         fields["num_frames"] = 1 + max(0, math.floor(body.seconds * fps / step + 0.5)) * step

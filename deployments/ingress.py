@@ -143,22 +143,26 @@ def byte_range_response(request: Request, data: bytes, media: str) -> Response:
     headers = {"Accept-Ranges": "bytes"}
     status, body = 200, data
     match = _RANGE.match(request.headers.get("range", "").strip())
-    if match and match.group(1) + match.group(2):
+    # No validators (ETag, Last-Modified) are sent, so an If-Range never matches: whole file.
+    if match and match.group(1) + match.group(2) and "if-range" not in request.headers:
         first, last = match.groups()
         if first:
             start, end = int(first), min(int(last), size - 1) if last else size - 1
         else:
             start, end = max(0, size - int(last)), size - 1
-        if start >= size or start > end:
+        if first and last and int(last) < int(first):
+            start, end = 0, -1  # an invalid range is ignored (RFC 9110 14.1.1): whole file
+        elif start >= size:
             raise APIError(
                 416,
                 f"range {request.headers['range']!r} is outside the {size} bytes",
                 param="range",
                 code="range_not_satisfiable",
-                headers={"Content-Range": f"bytes */{size}"},
+                headers={"Content-Range": f"bytes */{size}", "Accept-Ranges": "bytes"},
             )
-        status, body = 206, data[start : end + 1]
-        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        if end >= start:
+            status, body = 206, data[start : end + 1]
+            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
     if request.method == "HEAD":
         headers["Content-Length"] = str(len(body))
         return Response(status_code=status, media_type=media, headers=headers)
@@ -226,13 +230,15 @@ class Ingress:
     # -- routes -------------------------------------------------------------------------------
 
     @api.api_route("/healthz", methods=["GET", "HEAD"])
-    async def healthz(self) -> dict[str, Any]:
+    async def healthz(self) -> JSONResponse:
+        """200 while serving; 503 while draining, so that load balancers route elsewhere."""
         self._start_housekeeping()
-        return {
+        body = {
             "status": "draining" if self.draining else "ok",
             "model": self.model_name,
             "jobs_in_flight": len(self.jobs),
         }
+        return JSONResponse(body, status_code=503 if self.draining else 200)
 
     async def check_health(self) -> None:
         """Serve's periodic health check; also keeps the housekeeping loop running."""
@@ -248,6 +254,14 @@ class Ingress:
                 {"id": m, "object": "model", "created": 0, "owned_by": "kinoray"} for m in self.served_models
             ],
         }
+
+    @api.api_route(
+        "/v1/models/{model}", methods=["GET", "HEAD"], dependencies=[Depends(auth)], responses=ERROR_RESPONSES
+    )
+    async def retrieve_model(self, model: str) -> dict[str, Any]:
+        if model not in self.served_models:
+            raise APIError(404, f"model {model!r} is not served here", param="model", code="model_not_found")
+        return {"id": model, "object": "model", "created": 0, "owned_by": "kinoray"}
 
     @api.post(
         "/v1/videos", dependencies=[Depends(auth)], openapi_extra=CREATE_BODY, responses=ERROR_RESPONSES
@@ -683,5 +697,6 @@ class Ingress:
             task.cancel()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
+        await self.outbox.deliver_due()  # events of the jobs that just finished; failures wait in the outbox
         self.store.drop_lease(self.owner)
         return {"unfinished": len(left)}

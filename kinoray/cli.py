@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -189,17 +190,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kinoray.models.config import ServeConfig, explain
 
     config = _load_config(args)
-    changes = {k: getattr(args, k) for k in ("host", "port", "storage", "api_keys") if getattr(args, k)}
+    changes = {
+        k: getattr(args, k) for k in ("host", "port", "storage", "api_keys") if getattr(args, k) is not None
+    }
     if changes:
         try:
             serve_config = ServeConfig.model_validate({**config.serve.model_dump(), **changes})
         except ValidationError as exc:
             message = explain(exc, ServeConfig)
             for key in changes:
-                message = message.replace(f"{key}: ", f"--{key.replace('_', '-').removesuffix('s')}: ")
+                flag = f"--{key.replace('_', '-').removesuffix('s')}"
+                message = re.sub(rf"\b{key}(\.\d+)?: ", f"{flag}: ", message)
             raise UserError(message) from None
         config = config.model_copy(update={"serve": serve_config})
+    _check_listen(config.serve.host, config.serve.port)
     return serve_forever(config, address=args.address, verbose=args.verbose)
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Refuse, before Ray starts, an address this machine cannot listen on."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(infos[0][4])
+    except OSError as exc:
+        reason = "in use" if getattr(exc, "errno", None) == 98 else (exc.strerror or str(exc))
+        raise UserError(
+            f"cannot listen on {host}:{port} ({reason}); set --host/--port or serve.host/serve.port"
+        ) from None
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -85,6 +85,8 @@ def connect(
         where = f"Ray metrics on http://127.0.0.1:{port}/metrics"
     else:
         where = f"port {port} is taken, so Ray picked another metrics port (set ray.metrics_export_port)"
+    # Nothing of the cluster outlives this process, even one killed while Ray starts.
+    reaper.start(os.getpid())
     ray.init(
         # "local": a cluster of this process's own, even when another local one (`ray start`)
         # is running, which a plain ray.init() would join.
@@ -96,8 +98,6 @@ def connect(
         **init,
     )
     _restore(handlers)
-    # Nothing of the cluster outlives this process, even a SIGKILLed one.
-    reaper.start(os.getpid())
     print(f"kinoray: local Ray cluster, {where}", file=sys.stderr, flush=True)
     return True
 

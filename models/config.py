@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -146,11 +146,14 @@ class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     storage: str = Field(
+        min_length=1,
         default_factory=lambda: os.environ.get("KINORAY_STORAGE", "file://./kinoray-store"),
         description="fsspec URL for job records and videos (default: $KINORAY_STORAGE, else ./kinoray-store)",
     )
-    api_keys: list[str] = Field(default_factory=list, description="bearer tokens; empty means no auth")
-    host: str = "127.0.0.1"
+    api_keys: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="bearer tokens; empty means no auth"
+    )
+    host: str = Field(default="127.0.0.1", min_length=1)
     port: int = Field(default=8000, ge=1, le=65535)
     model_aliases: list[str] = Field(
         default_factory=lambda: [

@@ -136,3 +136,34 @@ def test_webhook_signatures_verify_with_the_official_client():
     assert (unwrapped.type, unwrapped.data.id) == ("video.completed", "video_1")
     with pytest.raises(openai.InvalidWebhookSignatureError):
         client.webhooks.verify_signature(body + b" ", headers)
+
+
+@pytest.mark.parametrize("fps", [0, "0", -1, 1000])
+def test_a_bad_fps_with_seconds_is_a_400_naming_fps(fps):
+    with pytest.raises(APIError) as info:
+        create(seconds="1", fps=fps)
+    assert (info.value.status, info.value.param) == (400, "fps")
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"size": "64x64", "height": 128}, "height"),
+        ({"seconds": "4", "num_frames": 9}, "num_frames"),
+        ({"seconds": True}, "seconds"),
+        ({"seed": True}, "seed"),
+        ({"size": "64x"}, "size"),
+        ({"size": "１２８x64"}, "size"),
+    ],
+)
+def test_contradictory_and_mistyped_fields_are_400s_naming_one(body, param):
+    with pytest.raises(APIError) as info:
+        create(**body)
+    assert (info.value.status, info.value.param, info.value.code) == (400, param, "invalid_value")
+
+
+def test_images_take_null_for_the_fields_openai_lets_be_null():
+    body, reqs = parse_images(
+        {"prompt": "x", "n": None, "response_format": None, "output_format": None}, MODELS, BUILDER, ["img_1"]
+    )
+    assert (len(reqs), body.response_format, body.output_format) == (1, "b64_json", "png")

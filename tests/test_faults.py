@@ -145,6 +145,8 @@ def test_a_stopped_job_keeps_every_video_it_wrote(tmp_path, sig):
         assert lines and lines[-1].startswith(f"kinoray: stopped by {name}"), stderr[-2000:]
         assert "Traceback" not in stderr and "SIGTERM received" not in stderr
 
+    if sig == signal.SIGTERM:
+        return  # it stops the job as SIGINT does; the rerun after that is checked there
     res = subprocess.run(batch_command(prompts, out), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"rows: {rows - len(written)} ok" in res.stdout, res.stdout

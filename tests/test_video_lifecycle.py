@@ -341,7 +341,9 @@ def test_byte_ranges(server, finished):
     assert (tail.status_code, tail.content) == (206, whole[50:])
     beyond = content(server, video_id, Range=f"bytes={n}-")
     assert beyond.status_code == 416 and beyond.headers["Content-Range"] == f"bytes */{n}"
-    assert beyond.json()["error"]["param"] == "range"
+    assert beyond.json()["error"]["param"] == "range" and beyond.headers["Accept-Ranges"] == "bytes"
+    backwards = content(server, video_id, Range="bytes=5-2")  # invalid: ignored (RFC 9110)
+    assert (backwards.status_code, backwards.content) == (200, whole)
     plain = content(server, video_id)
     assert (plain.status_code, plain.headers["Accept-Ranges"]) == (200, "bytes")
 
