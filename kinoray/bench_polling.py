@@ -9,15 +9,11 @@ reads per second.
 from __future__ import annotations
 
 import json
-import signal
-import socket
-import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from kinoray.bench_startup import _cli, _env
+from kinoray.bench_startup import _env, start_serve, stop_serve
 
 POLLERS = (8, 32)
 SECONDS = 10.0
@@ -31,43 +27,15 @@ JOB = {
 }
 
 
-def _serve(work: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
-    import requests
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    config = work / "serve.yaml"
-    config.write_text(f"serve: {{port: {port}, storage: {work / 'store'}}}\n")
-    proc = subprocess.Popen(
-        _cli("serve", "--config", str(config)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while proc.poll() is None and time.time() < deadline:
-        try:
-            if requests.get(f"{base}/healthz", timeout=1).status_code == 200:
-                return proc, base
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("kinoray serve did not come up")
-
-
 def measure(env: dict[str, str]) -> dict[str, Any]:
     from kinoray.loadgen import status_reads
 
     with tempfile.TemporaryDirectory() as work:
-        proc, base = _serve(Path(work), env)
+        proc, base, _ = start_serve(Path(work), env)
         try:
             return {f"{n}_pollers": status_reads(base, n, SECONDS, {**JOB, "seed": n}) for n in POLLERS}
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_serve(proc)
 
 
 def run(out: Path, baseline: str | None = None) -> dict[str, Any]:

@@ -59,8 +59,9 @@ def time_batch(work: Path, env: dict[str, str]) -> dict[str, float]:
     return {"batch_first_video_s": round(first or total, 2), "batch_total_s": round(total, 2)}
 
 
-def time_serve(work: Path, env: dict[str, str]) -> dict[str, float]:
-    """Seconds to the first 200 from `/healthz` of `kinoray serve`."""
+def start_serve(work: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str, float]:
+    """`kinoray serve` on a free loopback port with storage under `work`: the process, its base
+    URL and the seconds to its first 200 from `/healthz`."""
     import socket
 
     import requests
@@ -74,21 +75,30 @@ def time_serve(work: Path, env: dict[str, str]) -> dict[str, float]:
     proc = subprocess.Popen(
         _cli("serve", "--config", str(config)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    try:
-        while proc.poll() is None:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    return {"serve_healthy_s": round(time.perf_counter() - start, 2)}
-            except requests.RequestException:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"kinoray serve exited {proc.returncode}")
-    finally:
-        proc.send_signal(signal.SIGINT)
+    base = f"http://127.0.0.1:{port}"
+    while proc.poll() is None:
         try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            if requests.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return proc, base, time.perf_counter() - start
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"kinoray serve exited {proc.returncode}")
+
+
+def stop_serve(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def time_serve(work: Path, env: dict[str, str]) -> dict[str, float]:
+    """Seconds to the first 200 from `/healthz` of `kinoray serve`."""
+    proc, _, seconds = start_serve(work, env)
+    stop_serve(proc)
+    return {"serve_healthy_s": round(seconds, 2)}
 
 
 def time_generate(work: Path, env: dict[str, str]) -> dict[str, float]:
