@@ -27,3 +27,12 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def same_video(data: bytes, local, **fields) -> bool:
+    """Whether MP4 `data` is the video `local` (a LocalPipeline) makes for `fields`."""
+    from kinoray.models.video import encode_video
+
+    ref = local.run([local.request(**fields)])["frames"][0]
+    got, want = decoded(data), decoded(encode_video(ref, fields.get("fps", 8)))
+    return got.shape == want.shape and psnr(got, want) > SAME_VIDEO_DB

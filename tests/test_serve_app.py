@@ -6,12 +6,12 @@ import time
 import openai
 import pytest
 import requests
-from helpers import SAME_VIDEO_DB, decoded, psnr
+from helpers import same_video
 from hypothesis import HealthCheck, settings
 
 from kinoray.models.config import KinorayConfig
 from kinoray.models.local import LocalPipeline
-from kinoray.models.video import encode_video, probe_video
+from kinoray.models.video import probe_video
 
 pytestmark = pytest.mark.integration
 
@@ -75,10 +75,7 @@ def wait(client, video_id, timeout=120):
 
 
 def assert_same_video(data, local, **fields):
-    ref = local.run([local.request(**fields)])["frames"][0]
-    got, want = decoded(data), decoded(encode_video(ref, fields.get("fps", 8)))
-    assert got.shape == want.shape
-    assert psnr(got, want) > SAME_VIDEO_DB
+    assert same_video(data, local, **fields)
 
 
 def test_openai_client_create_poll_download(client, local):

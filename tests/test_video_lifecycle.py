@@ -12,12 +12,11 @@ from pathlib import Path
 import openai
 import pytest
 import requests
-from helpers import SAME_VIDEO_DB, decoded, free_port, psnr
+from helpers import free_port, same_video
 from PIL import Image
 
 from kinoray.models.config import KinorayConfig
 from kinoray.models.local import LocalPipeline
-from kinoray.models.video import encode_video
 
 pytestmark = pytest.mark.integration
 
@@ -128,12 +127,6 @@ def wait(client, video_id, timeout=120):
 
 def files_of(store: Path, video_id: str) -> list[str]:
     return [str(p.relative_to(store)) for p in store.rglob("*") if video_id in p.name]
-
-
-def same_video(data, local, **fields):
-    ref = local.run([local.request(**fields)])["frames"][0]
-    got, want = decoded(data), decoded(encode_video(ref, fields.get("fps", 8)))
-    return got.shape == want.shape and psnr(got, want) > SAME_VIDEO_DB
 
 
 def denoiser_handle(app="kinoray"):
