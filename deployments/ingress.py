@@ -595,13 +595,16 @@ class Ingress:
         if self.draining:
             return 0
         adopted = 0
+        ages: dict[str, float | None] = {}  # one lease read per owner, not per job
         for job_id in self.store.active():
             if job_id in self.jobs:
                 continue
             record = self.store.get(job_id)
             if record is None or record.status in FINISHED or record.owner == self.owner:
                 continue
-            age = self.store.lease_age(record.owner) if record.owner else None
+            if record.owner and record.owner not in ages:
+                ages[record.owner] = self.store.lease_age(record.owner)
+            age = ages.get(record.owner) if record.owner else None
             if age is not None and age < LEASE_STALE_S:
                 continue
             if self.serve_config.on_restart == "fail":

@@ -105,7 +105,7 @@ class DenoiserDeployment(_BatchedStage):
         if now - self._last_check.get(ids[0], 0.0) >= PROGRESS_INTERVAL_S:
             self._last_check[ids[0]] = now
             for i in ids:
-                if i.startswith("video_") and i not in self.cancelled and self.store.get(i) is None:
+                if i.startswith("video_") and i not in self.cancelled and not self.store.exists(i):
                     self._cancel(i, "storage")
         return {i for i in ids if i in self.cancelled}
 

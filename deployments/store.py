@@ -110,6 +110,10 @@ class JobStore:
         """Ids of unfinished jobs, oldest first, without reading every record."""
         return sorted(p.rsplit("/", 1)[-1] for p in self.fs.ls(f"{self.root}/active", detail=False))
 
+    def exists(self, job_id: str) -> bool:
+        """Whether the job's record is there (one existence check: no read, no parse)."""
+        return bool(self.fs.exists(self._path("jobs", job_id, ".json")))
+
     def get(self, job_id: str) -> JobRecord | None:
         try:
             with self.fs.open(self._path("jobs", job_id, ".json"), "rb") as f:
