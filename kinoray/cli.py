@@ -23,21 +23,19 @@ class UserError(Exception):
 
 
 def _load_config(args: argparse.Namespace) -> Any:
-    from pydantic import ValidationError
+    from kinoray.models.config import ConfigError, KinorayConfig
 
-    from kinoray.models.config import KinorayConfig, explain
-    from kinoray.models.spec import ModelSpec
-
-    config = KinorayConfig.load(args.config)
     updates = {k: getattr(args, k) for k in ("weights", "device", "dtype") if getattr(args, k, None)}
     try:
-        return config.with_model(**updates) if updates else config
-    except ValidationError as exc:
+        # The flags replace the file's and $KINORAY_MODEL's values before either is checked.
+        return KinorayConfig.load(args.config, model=updates)
+    except ConfigError as exc:
         flags = {"weights": "--model", "device": "--device", "dtype": "--dtype"}
-        message = explain(exc, ModelSpec)
-        for key, flag in flags.items():
-            message = message.replace(f"{key}: ", f"{flag}: ")
-        raise UserError(message) from None
+        for key in updates:
+            problem = str(exc).partition(f"model.{key}: ")[2]
+            if problem:
+                raise UserError(f"{flags[key]}: {problem.split('; ')[0]}") from None
+        raise
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -153,6 +151,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     config = _load_config(args)
+    import ray
+
+    # run_job starts a local cluster exactly when none is joined or running in this process.
+    starts_cluster = not (ray.is_initialized() or args.address or os.environ.get("RAY_ADDRESS"))
     try:
         with contextlib.nullcontext() if args.verbose else StderrFilter():
             summary = run_job(
@@ -180,6 +182,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         return exc.code
     print(summary.render())
     # 3: not every row has its video (failed rows, or rows whose latents wait for a rerun).
+    # The local cluster this command started has nothing left to do (see `main`).
+    args.cluster_done = starts_cluster
     return 0 if summary.failed == 0 and summary.denoised == 0 else 3
 
 
@@ -243,7 +247,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if path:
             _check_output(path, flag)
     try:
-        sets = {p: table_set(p) for p in args.prompts} if args.prompts else builtin_sets()
+        sets = (
+            {p: table_set(p) for p in args.prompts}
+            if args.prompts
+            else builtin_sets(*[args.seeds] if args.seeds else [])
+        )
     except PromptTableError as exc:
         raise UserError(str(exc)) from None
     return eval_main(args, config, sets, variants)
@@ -453,7 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--limit",
         type=_positive_int,
-        help="the first N prompts of each set (default: all, 45 seen + 15 held out)",
+        help="the first N videos of each set (default: all)",
+    )
+    e.add_argument(
+        "--seeds",
+        type=_positive_int,
+        help="videos per built-in prompt, each with its own seed (default: 3, so 135 seen + 45 held out)",
     )
     e.add_argument(
         "--prompts",
@@ -480,13 +493,23 @@ def _user_message(exc: BaseException) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; returns its exit code (2: a mistake to fix, 130: interrupted)."""
+    """Run one command; returns its exit code (2: a mistake to fix, 130: interrupted).
+
+    With `argv` None this process is the command (`kinoray ...`): a command that finished on a
+    local Ray cluster of its own ends the process at once (`cluster.exit_now`) instead of
+    returning. Called with `argv`, as a library, it always returns.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False) or os.environ.get("KINORAY_DEBUG", "") not in ("", "0")
     logging.basicConfig(level=os.environ.get("KINORAY_LOG", "DEBUG" if debug else "WARNING"))
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        if argv is None and getattr(args, "cluster_done", False):
+            from kinoray.models.cluster import exit_now
+
+            exit_now(code)
+        return code
     except KeyboardInterrupt:
         if debug:
             raise

@@ -44,18 +44,23 @@ class Result:
 
 
 PromptSet = list[tuple[dict[str, Any], scenes.Scene]]  # (request fields, the scene they ask for)
+# Videos per built-in prompt: one video per held-out prompt would make each a 7-point step.
+SEEDS = 3
 
 
-def builtin_sets() -> dict[str, PromptSet]:
+def builtin_sets(seeds: int = SEEDS) -> dict[str, PromptSet]:
     """The colour-shape pairs seen in training (45 prompts) and the held-out pairs (15), one
-    prompt per pair and motion, seeds 0, 1, ..."""
-    return {
-        which: [
-            ({"prompt": s.caption(), "seed": i}, s)
-            for i, s in enumerate(scenes.prompt_set(which == "held_out"))
+    prompt per pair and motion, each generated with `seeds` seeds: rows are the whole set with
+    seeds 0, 1, ..., then again with the next seeds, so the first rows cover every prompt."""
+    out = {}
+    for which in ("seen", "held_out"):
+        prompts = scenes.prompt_set(which == "held_out")
+        out[which] = [
+            ({"prompt": s.caption(), "seed": k * len(prompts) + i}, s)
+            for k in range(seeds)
+            for i, s in enumerate(prompts)
         ]
-        for which in ("seen", "held_out")
-    }
+    return out
 
 
 class PromptTableError(ValueError):

@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from kinoray.models import reaper
 from kinoray.models.config import KinorayConfig
@@ -46,7 +46,8 @@ def local_cpus(config: KinorayConfig, extra: float, stages: bool = True) -> int:
     return max(os.cpu_count() or 1, need)
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
+    """Whether nothing listens on TCP `port` on any interface."""
     with socket.socket() as sock:
         try:
             sock.bind(("", port))
@@ -80,7 +81,7 @@ def connect(
     # Ray installs C++ handlers for SIGTERM (a stack dump, then exit): the caller's own Python
     # handlers (a clean stop with what finished recorded) are put back after it starts.
     handlers = _python_handlers()
-    if _port_free(port):
+    if port_free(port):
         init["_metrics_export_port"] = port
         where = f"Ray metrics on http://127.0.0.1:{port}/metrics"
     else:
@@ -100,6 +101,17 @@ def connect(
     _restore(handlers)
     print(f"kinoray: local Ray cluster, {where}", file=sys.stderr, flush=True)
     return True
+
+
+def exit_now(code: int) -> NoReturn:
+    """End this process with `code` at once, for a command whose work is finished and recorded
+    on a local cluster it started: Ray's head processes die with it (Ray ties them to their
+    parent), their workers follow the raylet, and the reaper stops the agents. `ray.shutdown`
+    would stop each head process in turn, waiting up to a second for each to exit gracefully,
+    when nothing is in flight that could need it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _python_handlers() -> dict[int, Any]:

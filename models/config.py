@@ -6,6 +6,7 @@ Every section rejects keys it does not know, so a typo fails at load time with i
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -238,17 +239,26 @@ class KinorayConfig(BaseModel):
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @classmethod
-    def load(cls, path: str | Path | None) -> KinorayConfig:
-        """The config in YAML file `path` (defaults when None).
+    def load(cls, path: str | Path | None, model: Mapping[str, Any] | None = None) -> KinorayConfig:
+        """The config in YAML file `path` (defaults when None), with `model` fields (e.g. from
+        CLI flags) replacing the file's and the environment's.
 
         Raises ConfigError (one line: the file, and the key or the problem) for a file that is
-        missing, unreadable, not YAML, or holds an unknown key or a bad value.
+        missing, unreadable, not YAML, or holds an unknown key or a bad value; a bad value in
+        `model` is named `model.<field>`.
         """
-        if path is None:
-            try:
-                return cls()
-            except ValidationError as exc:  # from the environment ($KINORAY_TESTING_DECODE_OOM)
-                raise ConfigError(explain(exc, cls)) from None
+        data = {} if path is None else cls._read(path)
+        if model:
+            section = data.get("model")
+            data = {**data, "model": {**(section if isinstance(section, dict) else {}), **model}}
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:  # also from the environment ($KINORAY_MODEL, ...)
+            where = f"config file {path}: " if path is not None else ""
+            raise ConfigError(where + explain(exc, cls)) from None
+
+    @staticmethod
+    def _read(path: str | Path) -> dict[str, Any]:
         try:
             with open(path) as f:
                 data = yaml.safe_load(f) or {}
@@ -264,10 +274,7 @@ class KinorayConfig(BaseModel):
             raise ConfigError(
                 f"config file {path}: expected sections (model:, denoiser:, ...), got a {type(data).__name__}"
             )
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise ConfigError(f"config file {path}: {explain(exc, cls)}") from None
+        return data
 
     def with_model(self, **changes: Any) -> KinorayConfig:
         """A copy with `model` fields replaced (and validated), e.g. from CLI flags."""

@@ -42,3 +42,12 @@ def test_generate_rejects_a_bad_request_with_the_field_named(tmp_path):
     assert res.returncode == 2
     assert "height: must be a multiple of 16" in res.stderr
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_model_flag_wins_over_a_bad_kinoray_model_in_the_shell(tmp_path, monkeypatch):
+    from kinoray.cli import main
+
+    monkeypatch.setenv("KINORAY_MODEL", "tiny-nope")
+    out = tmp_path / "x.mp4"
+    assert main(["generate", "a fox", "--model", "tiny-wan", "--steps", "1", "-o", str(out)]) == 0
+    assert probe_video(out.read_bytes())["frames"] == 9

@@ -14,6 +14,8 @@ import pytest
 import requests
 from helpers import free_port
 
+from kinoray.models.cluster import port_free
+
 
 def kinoray(*args, cwd=None, env=None, timeout=300):
     start = time.perf_counter()
@@ -192,6 +194,12 @@ def test_a_bulk_run_is_quiet_and_exports_metrics_on_the_configured_port(tmp_path
     assert all(line.startswith("kinoray: ") for line in lines), lines
     for noise in ("core_worker", "WARNING", "Warning", "INFO"):
         assert noise not in res.stderr
+    # The command ends without Ray's one-process-at-a-time shutdown; its cluster still goes,
+    # metrics agent (which holds the port) included.
+    deadline = time.time() + 15
+    while time.time() < deadline and not port_free(port):
+        time.sleep(0.2)
+    assert port_free(port), "the finished run's Ray processes still hold the metrics port"
 
 
 @pytest.mark.integration

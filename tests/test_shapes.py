@@ -87,13 +87,13 @@ def test_shapes_wan_is_the_default_model(monkeypatch):
 
 def test_make_runs_prompts_come_out_with_their_colour_and_motion():
     """The example table `make run` generates, through the three stages at the model's defaults:
-    colour right for at least 7 of 8 videos, motion for at least 5 (measured: 8 and 6)."""
+    colour and motion right for at least 6 of 8 videos each (measured: 7 and 7)."""
     from kinoray.evaluate import evaluate, table_set
 
     rows = table_set(str(REPO / "examples" / "prompts.jsonl"))
     assert len(rows) == 8
     [result] = evaluate({"examples": rows}, shapes_config())
-    assert result.colour >= 7 / 8 and result.motion >= 5 / 8, result
+    assert result.colour >= 6 / 8 and result.motion >= 6 / 8, result
 
 
 @pytest.mark.parametrize("variant", ["first_block_cache", "bfloat16"])
@@ -102,7 +102,7 @@ def test_settings_that_should_not_change_what_is_drawn_do_not(variant):
     motion accuracy within one video in eight."""
     from kinoray.evaluate import builtin_sets, evaluate
 
-    rows = builtin_sets()["held_out"][::2]
+    rows = builtin_sets(seeds=1)["held_out"][::2]
     plain, changed = evaluate({"held_out": rows}, shapes_config(), ["default", variant])
     assert abs(changed.colour - plain.colour) <= 1 / 8 and abs(changed.motion - plain.motion) <= 1 / 8, (
         plain,
