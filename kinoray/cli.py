@@ -10,7 +10,7 @@ import os
 import re
 import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from kinoray.models.request import field_type, request_fields
 
@@ -246,6 +246,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for flag, path in (("--out", args.out), ("--strip", args.strip)):
         if path:
             _check_output(path, flag)
+    if args.strip:
+        from PIL import Image
+
+        suffix = os.path.splitext(args.strip)[1].lower()
+        if suffix not in Image.registered_extensions():
+            raise UserError(f"--strip {args.strip}: not an image file name (e.g. strip.png)")
     try:
         sets = (
             {p: table_set(p) for p in args.prompts}
@@ -255,6 +261,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except PromptTableError as exc:
         raise UserError(str(exc)) from None
     return eval_main(args, config, sets, variants)
+
+
+def _finite_float(text: str) -> float:
+    import math
+
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number (got {text})")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -336,7 +351,8 @@ def _add_request_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             *flags,
             dest=name,
-            type=field_type(info),
+            # NaN means "not given" in a table; typed as a flag it is a mistake.
+            type=_finite_float if field_type(info) is float else field_type(info),
             # A description may name its own default (guidance_scale_2: guidance_scale's value).
             help=info.description
             if "(default:" in str(info.description)
@@ -344,8 +360,16 @@ def _add_request_flags(p: argparse.ArgumentParser) -> None:
         )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a mistake in the flags reported as one `error:` line and exit 2, like every
+    other mistake (argparse's own prints the usage block first); `--help` shows the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kinoray", description=__doc__)
+    parser = _Parser(prog="kinoray", description=__doc__)
     parser.add_argument(
         "--debug", action="store_true", help="show tracebacks and debug logs (or set KINORAY_DEBUG=1)"
     )
@@ -435,7 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_bench)
 
     t = sub.add_parser(
-        "train-shapes", help="train the shapes-wan preset from scratch on rendered scenes (CPU, ~30 min)"
+        "train-shapes",
+        help="train the shapes-wan preset from scratch on rendered scenes (CPU, ~25 min on 2 cores)",
     )
     t.add_argument("-o", "--output", required=True, help="checkpoint folder to write")
     from kinoray.models.shapes_train import TrainSettings

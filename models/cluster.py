@@ -46,8 +46,7 @@ def local_cpus(config: KinorayConfig, extra: float, stages: bool = True) -> int:
     return max(os.cpu_count() or 1, need)
 
 
-def port_free(port: int) -> bool:
-    """Whether nothing listens on TCP `port` on any interface."""
+def _port_free(port: int) -> bool:
     with socket.socket() as sock:
         try:
             sock.bind(("", port))
@@ -81,7 +80,7 @@ def connect(
     # Ray installs C++ handlers for SIGTERM (a stack dump, then exit): the caller's own Python
     # handlers (a clean stop with what finished recorded) are put back after it starts.
     handlers = _python_handlers()
-    if port_free(port):
+    if _port_free(port):
         init["_metrics_export_port"] = port
         where = f"Ray metrics on http://127.0.0.1:{port}/metrics"
     else:

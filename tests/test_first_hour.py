@@ -14,7 +14,16 @@ import pytest
 import requests
 from helpers import free_port
 
-from kinoray.models.cluster import port_free
+
+def listening(port: int) -> bool:
+    """Whether something accepts connections on 127.0.0.1:`port`."""
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def kinoray(*args, cwd=None, env=None, timeout=300):
@@ -67,6 +76,18 @@ MISTAKES = {
     "frames and file name disagree": (
         lambda d: ["generate", "a fox", "--num-frames", "1", "-o", str(d / "x.mp4")],
         "--output: 1 frame(s) are written as .png, so name it",
+    ),
+    "a flag that is not a number": (
+        lambda d: ["generate", "a fox", "--height", "abc"],
+        "argument --height: invalid int value: 'abc' (see: kinoray generate --help)",
+    ),
+    "a number that is not finite": (
+        lambda d: ["generate", "a fox", "--guidance-scale", "nan"],
+        "argument --guidance-scale: must be a finite number (got nan)",
+    ),
+    "a strip that is not an image file": (
+        lambda d: ["eval", "--strip", str(d / "s.txt")],
+        "s.txt: not an image file name",
     ),
     "a size the model cannot take": (
         lambda d: ["generate", "a fox", "--height", "100"],
@@ -197,9 +218,9 @@ def test_a_bulk_run_is_quiet_and_exports_metrics_on_the_configured_port(tmp_path
     # The command ends without Ray's one-process-at-a-time shutdown; its cluster still goes,
     # metrics agent (which holds the port) included.
     deadline = time.time() + 15
-    while time.time() < deadline and not port_free(port):
+    while time.time() < deadline and listening(port):
         time.sleep(0.2)
-    assert port_free(port), "the finished run's Ray processes still hold the metrics port"
+    assert not listening(port), "the finished run's Ray processes still serve the metrics port"
 
 
 @pytest.mark.integration

@@ -112,7 +112,7 @@ def test_settings_that_should_not_change_what_is_drawn_do_not(variant):
 
 def test_training_from_scratch_writes_a_checkpoint_diffusers_and_kinoray_load(tmp_path):
     """A few steps of each phase: the format, not the quality (the full run is `kinoray
-    train-shapes`, about 30 minutes)."""
+    train-shapes`, about 25 minutes)."""
     import torch
     from diffusers import WanPipeline
 
