@@ -59,7 +59,7 @@ VAE_WINDOW = 5
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Step counts and sizes. The defaults take about 28 minutes on two CPU cores (see the
+    """Step counts and sizes. The defaults take about 25 minutes on two CPU cores (see the
     checkpoint's `training.json` for the measured split)."""
 
     seed: int = field(default=0, metadata={"help": "seeds data, weights and noise"})
