@@ -151,10 +151,6 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     config = _load_config(args)
-    import ray
-
-    # run_job starts a local cluster exactly when none is joined or running in this process.
-    starts_cluster = not (ray.is_initialized() or args.address or os.environ.get("RAY_ADDRESS"))
     try:
         with contextlib.nullcontext() if args.verbose else StderrFilter():
             summary = run_job(
@@ -183,7 +179,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     print(summary.render())
     # 3: not every row has its video (failed rows, or rows whose latents wait for a rerun).
     # The local cluster this command started has nothing left to do (see `main`).
-    args.cluster_done = starts_cluster
+    args.cluster_done = summary.started_cluster
     return 0 if summary.failed == 0 and summary.denoised == 0 else 3
 
 

@@ -72,6 +72,8 @@ class JobSummary:
     wall_s: float = 0.0
     busy_s: dict[str, float] = field(default_factory=dict)
     interrupted: str | None = None
+    # Whether the run started the local Ray cluster it ran on (and so may end it).
+    started_cluster: bool = False
 
     @property
     def videos_per_minute(self) -> float:
@@ -366,6 +368,7 @@ def run_job(
         wall_s=time.perf_counter() - start,
         busy_s=counts["busy_s"],
         interrupted=interrupted.signal_name if interrupted else None,
+        started_cluster=started,
     )
     if started and interrupted is not None:
         ray.shutdown()
