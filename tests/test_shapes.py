@@ -87,13 +87,13 @@ def test_shapes_wan_is_the_default_model(monkeypatch):
 
 def test_make_runs_prompts_come_out_with_their_colour_and_motion():
     """The example table `make run` generates, through the three stages at the model's defaults:
-    colour and motion right for at least 6 of 8 videos each (measured: 7 and 7)."""
+    colour right for at least 7 of 8 videos, motion for at least 6 (measured: 7 and 7)."""
     from kinoray.evaluate import evaluate, table_set
 
     rows = table_set(str(REPO / "examples" / "prompts.jsonl"))
     assert len(rows) == 8
     [result] = evaluate({"examples": rows}, shapes_config())
-    assert result.colour >= 6 / 8 and result.motion >= 6 / 8, result
+    assert result.colour >= 7 / 8 and result.motion >= 6 / 8, result
 
 
 @pytest.mark.parametrize("variant", ["first_block_cache", "bfloat16"])
