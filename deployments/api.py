@@ -5,6 +5,7 @@ Kept free of Ray so the shapes and the parsing can be tested and reused on their
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -15,6 +16,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from kinoray.models.images import ImageError, ImagePolicy, decode_image, fetch_url, fit_image, parse_data_url
 from kinoray.models.request import (
     GenerationRequest,
     RequestBuilder,
@@ -80,7 +82,10 @@ class OpenAIVideoFields(BaseModel):
     model: str | None = None
     seconds: float | None = Field(default=None, gt=0, le=600, description="clip length; sets num_frames")
     size: str | None = Field(default=None, description="WIDTHxHEIGHT, e.g. 832x480")
-    input_reference: Any | None = None
+    input_reference: Any | None = Field(
+        default=None,
+        description='reference image (image-to-video): a file upload, or {"image_url": a data: or http(s) URL}',
+    )
 
 
 class OpenAIImageFields(BaseModel):
@@ -131,7 +136,8 @@ IGNORED_IMAGE_VALUES: dict[str, tuple[Any, ...]] = {
 
 # kinoray's own fields, sent as `extra_body` by the openai client: the request's fields.
 _FIELDS = request_fields()
-VIDEO_EXTRA_FIELDS = [f for f in _FIELDS if f not in ("id", "prompt")]
+# The reference image comes as OpenAI's `input_reference`, never as a path the server would read.
+VIDEO_EXTRA_FIELDS = [f for f in _FIELDS if f not in ("id", "prompt", "image")]
 IMAGE_EXTRA_FIELDS = [f for f in VIDEO_EXTRA_FIELDS if f not in ("num_frames", "fps")]
 VideoCreateBody = partial_model(
     "VideoCreateBody",
@@ -230,10 +236,10 @@ FILE_FIELDS = frozenset({"input_reference"})
 MAX_FORM_PARTS = 64
 
 
-async def read_body(request: Request) -> dict[str, Any]:
+async def read_body(request: Request, max_bytes: int = MAX_BODY_BYTES) -> dict[str, Any]:
     """JSON, multipart form (what the openai client sends) or urlencoded form -> a dict.
 
-    Raises APIError: 413 over MAX_BODY_BYTES, 415 for another content type or any
+    Raises APIError: 413 over `max_bytes`, 415 for another content type or any
     content-encoding, 400 for malformed JSON, a non-finite number, or a text part that is not
     UTF-8.
     """
@@ -246,12 +252,12 @@ async def read_body(request: Request) -> dict[str, Any]:
             param="content-encoding",
             code="unsupported_media_type",
         )
-    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-        raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
+    if int(request.headers.get("content-length") or 0) > max_bytes:
+        raise APIError(413, f"request body larger than {max_bytes} bytes", code="request_too_large")
     if ctype == "application/json":
         raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
+        if len(raw) > max_bytes:
+            raise APIError(413, f"request body larger than {max_bytes} bytes", code="request_too_large")
         try:
             data = json.loads(
                 raw.decode("utf-8"), parse_float=_parse_float, parse_constant=lambda c: _NonFinite(c)
@@ -301,18 +307,13 @@ def parse_create(
 
     OpenAI's `size` and `seconds` become height, width and num_frames; an error about one of
     those names the field the client sent. A video request (`image` False) must make a clip of
-    more than one frame, from a model that makes videos.
+    more than one frame, from a model that makes videos. An `input_reference` is checked for
+    presence only (the model's need of one): the request's `image` is then a placeholder, which
+    the caller replaces with the image it reads (`read_input_reference`).
 
     Raises APIError: 400 naming the field, 404 for a model that is not served.
     """
     body = validate_body(VideoCreateBody, data)
-    if body.input_reference is not None:
-        raise APIError(
-            400,
-            "input_reference is not supported by this model",
-            param="input_reference",
-            code="unsupported_value",
-        )
     model = body.model or served_models[0]
     if model not in served_models:
         raise APIError(
@@ -385,14 +386,65 @@ def parse_create(
         )
     if "seed" not in fields:
         fields["seed"] = secrets.randbelow(2**31)
+    if body.input_reference is not None:
+        fields["image"] = REFERENCE_PENDING
     try:
         req = builder.build({"id": job_id, "prompt": body.prompt, **fields})
     except RequestError as exc:
+        if exc.field == "image":
+            message = str(exc).replace("image:", "input_reference:", 1)
+            raise APIError(400, message, param="input_reference", code="invalid_value") from None
         sent = sent_as.get(exc.field or "")
         message = f"{sent} {getattr(body, sent)!r} gives {exc}" if sent else str(exc)
         param = sent or exc.field
         raise APIError(400, message, param=param, code="invalid_value") from None
     return req, model
+
+
+REFERENCE_PENDING = "input_reference"
+
+
+async def read_input_reference(value: Any, policy: ImagePolicy, width: int, height: int) -> bytes:
+    """`input_reference` as a client sends it -> the image file's bytes, checked to decode.
+
+    Takes a multipart file upload (what the openai client sends), or `{"image_url": URL}` (or
+    the URL alone) with a data: URL (RFC 2397) or an http(s) URL, fetched under `policy` (size
+    cap, timeout, no private addresses unless allowed). A `{"file_id": ...}` is refused: there
+    is no Files API here. With `policy.resize` "refuse", an image of another size than
+    `width` x `height` is refused.
+
+    Raises APIError 400 with `param` "input_reference".
+    """
+
+    def refuse(message: str, code: str = "invalid_value") -> APIError:
+        return APIError(400, f"input_reference: {message}", param="input_reference", code=code)
+
+    try:
+        if hasattr(value, "read"):  # a starlette UploadFile
+            data = await value.read(policy.max_bytes + 1)
+        else:
+            url = value.get("image_url") if isinstance(value, dict) else value
+            if isinstance(value, dict) and "file_id" in value:
+                raise refuse(
+                    'file_id is not supported (there is no Files API here); upload the image, or send {"image_url": ...}',
+                    "unsupported_value",
+                )
+            if isinstance(url, dict):  # {"image_url": {"url": ...}}, as in chat messages
+                url = url.get("url")
+            if not isinstance(url, str):
+                raise refuse('expected an image file upload or {"image_url": "<data: or http(s) URL>"}')
+            if url.startswith("data:"):
+                data = parse_data_url(url, policy)
+            elif url.lower().startswith(("http://", "https://")):
+                data = await asyncio.to_thread(fetch_url, url, policy)
+            else:
+                raise refuse("image_url must be a data: URL or an http(s) URL")
+        image = await asyncio.to_thread(decode_image, data, policy)
+        if policy.resize == "refuse":
+            fit_image(image, width, height, "refuse")
+    except ImageError as exc:
+        raise refuse(str(exc)) from None
+    return data
 
 
 def check_auth(request: Request, api_keys: list[str]) -> None:

@@ -34,7 +34,12 @@ def build(config: KinorayConfig) -> Application:
     encoder = (
         serve.deployment(EncoderDeployment)
         .options(**_options("encoder", config.encoder))
-        .bind(model, config.encoder.batch_size, config.encoder.batch_wait_timeout_s)
+        .bind(
+            model,
+            config.encoder.batch_size,
+            config.encoder.batch_wait_timeout_s,
+            config.images.model_dump(mode="json"),
+        )
     )
     denoiser = (
         serve.deployment(DenoiserDeployment)

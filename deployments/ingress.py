@@ -22,6 +22,8 @@ from starlette.exceptions import HTTPException
 import kinoray
 from kinoray.deployments.api import (
     ERROR_RESPONSES,
+    MAX_BODY_BYTES,
+    REFERENCE_PENDING,
     APIError,
     ImageGenerateBody,
     VideoCreateBody,
@@ -30,6 +32,7 @@ from kinoray.deployments.api import (
     parse_create,
     parse_images,
     read_body,
+    read_input_reference,
     validate_body,
 )
 from kinoray.deployments.http import IMAGE_MEDIA, byte_range_response, convert_image
@@ -44,6 +47,7 @@ from kinoray.deployments.store import (
 from kinoray.deployments.webhooks import Outbox
 from kinoray.models import telemetry
 from kinoray.models.config import KinorayConfig
+from kinoray.models.images import image_digest
 from kinoray.models.request import RequestError
 
 log = logging.getLogger(__name__)
@@ -152,6 +156,7 @@ class Ingress:
         auth.keys = list(self.serve_config.api_keys)
         self.store = JobStore(self.serve_config.storage)
         self.builder = self.config.request_builder()
+        self.images = self.config.images
         self.model_name = self.config.model.weights
         self.served_models = [self.model_name, *self.serve_config.model_aliases]
         self.encoder, self.denoiser, self.decoder = encoder, denoiser, decoder
@@ -216,9 +221,24 @@ class Ingress:
         "/v1/videos", dependencies=[Depends(auth)], openapi_extra=CREATE_BODY, responses=ERROR_RESPONSES
     )
     async def create_video(self, request: Request) -> JSONResponse:
-        data = await read_body(request)
+        # Room for a reference image of the configured size, base64-encoded in a JSON body.
+        data = await read_body(request, MAX_BODY_BYTES + self.images.max_bytes * 4 // 3 + 4)
         job_id = new_job_id()
-        req, model = parse_create(data, self.served_models, self.builder, job_id)
+        reference = data.pop("input_reference", None)
+        req, model = parse_create(
+            {**data, **({"input_reference": REFERENCE_PENDING} if reference is not None else {})},
+            self.served_models,
+            self.builder,
+            job_id,
+        )
+        digest = None
+        if reference is not None:
+            self._admit()  # before fetching anything
+            s = req.sampling
+            raw = await read_input_reference(reference, self.images, s.width, s.height)
+            digest = image_digest(raw)
+            url = await asyncio.to_thread(self.store.put_reference, job_id, raw)
+            req = req.model_copy(update={"image": url})
         duration = req.sampling.num_frames / req.sampling.fps
         record = JobRecord(
             id=job_id,
@@ -230,10 +250,16 @@ class Ingress:
             duration_s=round(duration, 3),
             size=f"{req.sampling.width}x{req.sampling.height}",
             seed=req.seed,
+            input_reference_sha256=digest,
             request=req.row(),
             deadline_at=time.time() + self.serve_config.job_deadline_s,
         )
-        return self._accept(record)
+        try:
+            return self._accept(record)
+        except APIError:
+            if reference is not None:
+                self.store.delete_reference(job_id)
+            raise
 
     @api.post("/v1/videos/{video_id}/remix", dependencies=[Depends(auth)], responses=ERROR_RESPONSES)
     async def remix_video(self, video_id: str, request: Request) -> JSONResponse:
@@ -242,6 +268,10 @@ class Ingress:
         prompt = validate_body(VideoRemixBody, await read_body(request)).prompt
         job_id = new_job_id()
         fields = {k: v for k, v in source.request.items() if v is not None}
+        if fields.get("image"):
+            # The remix keeps a copy of the reference: either job can be deleted alone.
+            self._admit()
+            fields["image"] = await asyncio.to_thread(self.store.copy_reference, source.id, job_id)
         try:
             req = self.builder.build({**fields, "id": job_id, "prompt": prompt})
         except RequestError as exc:
@@ -265,6 +295,15 @@ class Ingress:
 
     def _accept(self, record: JobRecord) -> JSONResponse:
         """Store a new job and start it; 503 while draining, 429 over the queue's bound."""
+        self._admit()
+        record = record.model_copy(update={"owner": self.owner})
+        self.store.put(record)
+        self.live[record.id] = record
+        self._start(record)
+        return JSONResponse(record.public(), headers=self._poll_headers())
+
+    def _admit(self) -> None:
+        """Raises 503 while draining, 429 when the queue is full."""
         if self.draining:
             raise APIError(
                 503,
@@ -283,11 +322,6 @@ class Ingress:
                 code="queue_full",
                 headers={"Retry-After": str(self.serve_config.retry_after_s)},
             )
-        record = record.model_copy(update={"owner": self.owner})
-        self.store.put(record)
-        self.live[record.id] = record
-        self._start(record)
-        return JSONResponse(record.public(), headers=self._poll_headers())
 
     def _start(self, record: JobRecord) -> None:
         self._start_housekeeping()

@@ -57,9 +57,15 @@ class _BatchedStage:
 
 
 class EncoderDeployment(_BatchedStage):
-    def __init__(self, model: dict[str, Any], batch_size: int = 8, batch_wait_timeout_s: float = 0.05):
+    def __init__(
+        self,
+        model: dict[str, Any],
+        batch_size: int = 8,
+        batch_wait_timeout_s: float = 0.05,
+        image_policy: dict[str, Any] | None = None,
+    ):
         super().__init__(batch_size, batch_wait_timeout_s)
-        self.stage = TextEncoder(model)
+        self.stage = TextEncoder(model, image_policy=image_policy)
 
     def process(self, batch: Batch) -> Batch:
         return self.stage(batch)

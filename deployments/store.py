@@ -46,6 +46,7 @@ class JobRecord(BaseModel):
     error: JobError | None = None
     # kinoray's own fields
     duration_s: float | None = None
+    input_reference_sha256: str | None = None  # SHA-256 of the reference image's file, hex
     seed: int
     request: dict[str, Any]
     deadline_at: float
@@ -75,7 +76,17 @@ class JobStore:
     def __init__(self, url: str):
         self.url = url.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        for sub in ("jobs", "videos", "progress", "images", "latents", "active", "owners", "outbox"):
+        for sub in (
+            "jobs",
+            "videos",
+            "progress",
+            "images",
+            "latents",
+            "active",
+            "owners",
+            "outbox",
+            "references",
+        ):
             self.fs.makedirs(f"{self.root}/{sub}", exist_ok=True)
 
     @staticmethod
@@ -149,6 +160,7 @@ class JobStore:
         ("videos", ".spritesheet.jpg"),
         ("progress", ".json"),
         ("latents", ".safetensors"),
+        ("references", ""),
         ("active", ""),
     )
     # `variant` of `GET /v1/videos/{id}/content` -> (suffix, media type); "video" is the clip.
@@ -202,6 +214,24 @@ class JobStore:
 
     def has_latents(self, job_id: str) -> bool:
         return bool(self.fs.exists(self._path("latents", job_id, ".safetensors")))
+
+    def put_reference(self, job_id: str, data: bytes) -> str:
+        """A job's reference image file (`input_reference`), as sent; returns the URL the encode
+        stage reads it from (any replica: it is in the store)."""
+        path = self._path("references", job_id)
+        self._write(path, data)
+        return str(self.fs.unstrip_protocol(path))  # absolute: replicas run in other folders
+
+    def copy_reference(self, source_id: str, job_id: str) -> str:
+        """Job `source_id`'s reference image as job `job_id`'s too; returns its URL."""
+        with self.fs.open(self._path("references", source_id), "rb") as f:
+            return self.put_reference(job_id, f.read())
+
+    def delete_reference(self, job_id: str) -> None:
+        try:
+            self.fs.rm(self._path("references", job_id))
+        except FileNotFoundError:
+            pass
 
     def put_image(self, image_id: str, data: bytes, suffix: str = "png") -> None:
         self._write(self._path("images", image_id, f".{suffix}"), data)

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kinoray.models.images import ImagePolicy
 from kinoray.models.request import LimitOverrides, RequestBuilder, RequestDefaults
 from kinoray.models.spec import ModelSpec
 
@@ -230,6 +231,10 @@ class KinorayConfig(BaseModel):
     )
     limits: LimitOverrides = Field(
         default_factory=LimitOverrides, description="tighter request limits than the model's"
+    )
+    images: ImagePolicy = Field(
+        default_factory=ImagePolicy,
+        description="reference images (image-to-video): size caps, URL fetching, resizing",
     )
     encoder: StageConfig = Field(default_factory=StageConfig)
     denoiser: StageConfig = Field(default_factory=StageConfig)

@@ -20,7 +20,7 @@ class LocalPipeline:
         self.config = config or KinorayConfig()
         self.builder = builder or self.config.request_builder()
         spec = self.config.model
-        self.encoder = TextEncoder(spec)
+        self.encoder = TextEncoder(spec, image_policy=self.config.images)
         self.denoiser = Denoiser(spec, max_batch_size=self.config.denoiser.batch_size)
         self.decoder = Decoder(spec, **self.config.decoder.decode_options())
 

@@ -20,7 +20,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -66,6 +66,9 @@ class RequestLimits(BaseModel):
     max_guidance_scale: float = 50.0
     max_fps: int = 120
     optional_params: frozenset[str] = frozenset()
+    # Whether requests give a reference image: never (text-to-video), either way (Wan 2.2 TI2V,
+    # LTX-Video) or always (the image-to-video checkpoints of Wan 2.1, Wan 2.2 A14B, CogVideoX).
+    image_input: Literal["none", "optional", "required"] = "none"
 
     def tightened(self, overrides: LimitOverrides) -> RequestLimits:
         """These limits, narrowed (never widened) by a deployment's `limits:` section."""
@@ -216,6 +219,11 @@ class GenerationRequest(BaseModel):
     prompt: StrictText = Field(description="what to generate")
     negative_prompt: StrictText = Field(default="", description="what to steer away from")
     seed: int = Field(ge=0, lt=MAX_SEED, description="seed of the initial noise")
+    image: StrictText | None = Field(
+        default=None,
+        validate_default=True,
+        description="reference image to start from (image-to-video): a path or URL, or a data: URL",
+    )
     sampling: SamplingParams
 
     TEXT_FIELDS: ClassVar[tuple[str, ...]] = ("prompt", "negative_prompt")
@@ -254,6 +262,20 @@ class GenerationRequest(BaseModel):
             raise ValueError("is not valid Unicode text (a lone surrogate)") from None
         return v
 
+    @field_validator("image")
+    @classmethod
+    def _image(cls, v: str | None, info: ValidationInfo) -> str | None:
+        takes = _limits(info).image_input
+        if v is not None and not v.strip():
+            v = None
+        if v is None and takes == "required":
+            raise ValueError("this model generates from a reference image; give one")
+        if v is not None and takes == "none":
+            raise ValueError("this model does not take a reference image (it is text-to-video)")
+        if v is not None and "\x00" in v:
+            raise ValueError("must not contain NUL characters")
+        return v
+
     def row(self) -> dict[str, Any]:
         """The request as one flat row: `REQUEST_COLUMNS` -> plain values."""
         return {
@@ -261,6 +283,7 @@ class GenerationRequest(BaseModel):
             "prompt": self.prompt,
             "negative_prompt": self.negative_prompt,
             "seed": self.seed,
+            "image": self.image,
             **self.sampling.model_dump(),
         }
 
@@ -271,11 +294,11 @@ class GenerationRequest(BaseModel):
         Values may be numpy scalars, and an optional parameter may be NaN: Arrow gives a float
         column's missing values back as NaN.
         """
-        top = {k: _plain(row[k]) for k in ("id", "prompt", "negative_prompt", "seed")}
+        top = {k: _plain(row.get(k)) for k in TOP_FIELDS}
         return cls.model_construct(**top, sampling=SamplingParams.from_row(row))
 
 
-TOP_FIELDS = ("id", "prompt", "negative_prompt", "seed")
+TOP_FIELDS = ("id", "prompt", "negative_prompt", "seed", "image")
 SAMPLING_FIELDS = tuple(SamplingParams.model_fields)
 # A request as one flat row: table columns, stage columns, manifest columns, API fields.
 REQUEST_COLUMNS = (*TOP_FIELDS, *SAMPLING_FIELDS)
@@ -364,8 +387,8 @@ class RequestBuilder:
         """Fill, validate and identify one request.
 
         An explicit `id` is the request's identity; without one the id is a digest of
-        everything that decides the output (texts, sampling parameters, the seed when given,
-        the model). A request without a seed gets one derived from its id, so two ids are two
+        everything that decides the output (texts, the reference image, sampling parameters,
+        the seed when given, the model). A request without a seed gets one derived from its id, so two ids are two
         takes of the same prompt and a rerun reproduces each exactly.
 
         Raises `RequestError` naming the first offending field.
@@ -426,6 +449,8 @@ class RequestBuilder:
         """
         content = {k: v for k, v in req.sampling.__dict__.items() if v is not None}
         content.update(prompt=req.prompt, negative_prompt=req.negative_prompt, model=self.model)
+        if req.image is not None:  # left out otherwise: text-to-video digests stay as they were
+            content["image"] = req.image
         if with_seed:
             content["seed"] = req.seed
         return hashlib.sha256(_canonical(content).encode("utf-8", "surrogatepass")).hexdigest()

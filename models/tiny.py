@@ -42,18 +42,23 @@ class Preset:
     limits: dict[str, Any] = field(default_factory=dict)
     tested: bool = True
     folder: Path | None = None
+    image: bool = False  # an image-to-video model: every request gives a reference image
 
 
 PRESETS: dict[str, Preset] = {}
 
 
 def preset(
-    name: str, defaults: dict[str, Any], limits: dict[str, Any] | None = None, tested: bool = True
+    name: str,
+    defaults: dict[str, Any],
+    limits: dict[str, Any] | None = None,
+    tested: bool = True,
+    image: bool = False,
 ) -> Callable[[Callable[[], Any]], Callable[[], Any]]:
     """Register the decorated pipeline builder as preset `name`."""
 
     def register(build: Callable[[], Any]) -> Callable[[], Any]:
-        PRESETS[name] = Preset(name, build, defaults, limits or {}, tested)
+        PRESETS[name] = Preset(name, build, defaults, limits or {}, tested, image=image)
         return build
 
     return register
@@ -81,8 +86,13 @@ def preset_defaults(name: str) -> dict[str, Any]:
     return dict(_registry()[name].defaults)
 
 
-def preset_names(tested_only: bool = False) -> list[str]:
-    return sorted(n for n, p in _registry().items() if p.tested or not tested_only)
+def preset_names(tested_only: bool = False, image: bool | None = None) -> list[str]:
+    """Preset names; `image` True or False: only image-to-video presets, or only the others."""
+    return sorted(
+        n
+        for n, p in _registry().items()
+        if (p.tested or not tested_only) and (image is None or p.image == image)
+    )
 
 
 def cache_dir() -> Path:

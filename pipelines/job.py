@@ -222,7 +222,11 @@ def build_dataset(
     if dry_run:
         return ds
     spec = config.model.model_dump()
-    ds = ds.map_batches(TextEncoder, fn_constructor_kwargs={"model": spec}, **_pool(config.encoder))
+    ds = ds.map_batches(
+        TextEncoder,
+        fn_constructor_kwargs={"model": spec, "image_policy": config.images.model_dump()},
+        **_pool(config.encoder),
+    )
     ds = ds.map_batches(
         Denoiser,
         fn_constructor_kwargs={"model": spec, "max_batch_size": config.denoiser.batch_size},

@@ -1,8 +1,9 @@
 """The manifest: one row per input row, kept as a folder of Parquet parts.
 
 A row is keyed by its input position (`file`, `row`) and records the request, a digest of
-everything that decides its output (`request_digest`, the model included), the output path,
-the status and timings. Parts are written while the job runs (by the job's state actor, never
+everything that decides its output (`request_digest`, the model and the reference image
+included), the output path, the SHA-256 of the reference image's file (`image_sha256`), the
+status and timings. Parts are written while the job runs (by the job's state actor, never
 the driver); where a position was written twice, the later part wins. A run that completes
 compacts the parts into one holding exactly its own rows.
 
@@ -35,6 +36,7 @@ _ARROW = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_
 REQUEST_SCHEMA = [pa.field(name, _ARROW[field_type(info)]) for name, info in request_fields().items()]
 OUTCOME_SCHEMA = [
     pa.field("output", pa.string()),
+    pa.field("image_sha256", pa.string()),
     pa.field("status", pa.string()),
     pa.field("error", pa.string()),
     pa.field("error_stage", pa.string()),
@@ -63,6 +65,16 @@ def schema(passthrough: Sequence[str] = ()) -> pa.Schema:
 
 
 SCHEMA = schema()
+
+
+def image_label(image: str | None) -> str | None:
+    """What the manifest keeps of a row's reference image: its path or URL as given; an inline
+    image (a data: URL, as Parquet bytes arrive) as its header and size, since `image_sha256`
+    (and the row's digest) identify its content."""
+    if not image or not image.startswith("data:"):
+        return image
+    header, _, payload = image.partition(",")
+    return f"{header},... ({len(payload) * 3 // 4} bytes)"
 
 
 def join(base: str, *parts: str) -> str:

@@ -20,6 +20,7 @@ Rows are numbered from 0 within their file: data rows only (not a CSV header, no
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -250,7 +251,14 @@ def _is_zstd(f: Any) -> bool:
 
 # ASCII JSON keeps any text (even a lone surrogate) storable; the request check names it. One
 # encoder for all rows: json.dumps with options builds a new one per call.
-_JSON = json.JSONEncoder(ensure_ascii=True, default=str, allow_nan=True)
+def _json_default(value: Any) -> str:
+    # Bytes (a Parquet binary column: an image's file) travel as a data: URL (RFC 2397).
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "data:;base64," + base64.b64encode(bytes(value)).decode("ascii")
+    return str(value)
+
+
+_JSON = json.JSONEncoder(ensure_ascii=True, default=_json_default, allow_nan=True)
 
 
 def _dumps(obj: dict[str, Any]) -> tuple[str | None, str | None]:

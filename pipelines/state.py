@@ -237,6 +237,7 @@ class JobState:
     def _add(self, rows: list[dict[str, Any]]) -> None:
         if self.dry_run:
             return
+        rows = [{**r, "image": manifest.image_label(r.get("image"))} for r in rows]
         self._buffer.append(pa.Table.from_pylist(rows, schema=self.schema))
         self._buffered += len(rows)
         if self._buffered >= FLUSH_ROWS or time.monotonic() - self._last_flush >= FLUSH_S:

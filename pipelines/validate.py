@@ -53,7 +53,9 @@ def validate_rows(
                 error, reason = str(exc), "invalid_request"
             else:
                 row.update(req.row())
-                row["request_digest"] = builder.digest(req)
+                row["request_digest"] = builder.digest(req)  # of the image as the table names it
+                if req.image is not None:
+                    row["image"] = resolve_image(req.image, files[index])
         if error is not None:
             raw_id, prompt = obj.get("id"), obj.get("prompt")
             row.update(
@@ -66,6 +68,14 @@ def validate_rows(
             )
         out.append(row)
     return pa.Table.from_pylist(out, schema=validated_schema(passthrough))
+
+
+def resolve_image(image: str, table: str) -> str:
+    """A reference image as a table names it -> one any worker can read: a relative path is
+    relative to the table's folder (local or remote); URLs, data: URLs and absolute paths stay."""
+    if image.startswith(("/", "~", "data:")) or "://" in image:
+        return image
+    return f"{table.rsplit('/', 1)[0]}/{image}" if "/" in table else image
 
 
 def _storable(text: str) -> bool:

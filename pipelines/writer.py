@@ -121,6 +121,8 @@ def write_videos(batch: Batch, output: str, run: str, state: Any, passthrough: S
             columns["status"] = status
         elif field.name == "run":
             columns["run"] = [run] * n
+        elif field.name == "image":
+            columns["image"] = [manifest.image_label(_plain(v, True)) for v in out["image"]]
         elif field.name in out:
             blank = field.name in manifest.OUTCOME_COLUMNS  # "" there means "none"
             columns[field.name] = [_plain(v, blank) for v in out[field.name]]

@@ -26,7 +26,7 @@ TILED_PSNR_FLOOR = {
     "tiny-flux": 17.4,
     "tiny-sd3": 18.0,
 }
-PRESETS = tiny.preset_names(tested_only=True)
+PRESETS = tiny.preset_names(tested_only=True, image=False)
 
 
 @pytest.fixture(scope="module", params=PRESETS)

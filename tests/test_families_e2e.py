@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 # shapes-wan is tiny-wan's family with trained, shipped weights: it runs online in
 # test_first_hour (the example Serve config) and through the stages in test_shapes.
-PRESETS = [p for p in tiny.preset_names(tested_only=True) if p != "shapes-wan"]
+PRESETS = [p for p in tiny.preset_names(tested_only=True, image=False) if p != "shapes-wan"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -15,6 +15,7 @@ class FakeAdapter:
     """Stands in for a family adapter: a text's embedding is its length; latents are the seed."""
 
     conditioning = ("prompt_embeds",)
+    image_conditioning = ()  # a text-to-video family
 
     def __init__(self, bad_text=None, bad_seed=None, bad_value=None):
         self.bad_text, self.bad_seed, self.bad_value = bad_text, bad_seed, bad_value

@@ -3,10 +3,11 @@ diffusers pipeline, and run that stage."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
@@ -22,6 +23,7 @@ from kinoray.models.spec import ModelInfo, ModelSpec
 from kinoray.models.tiny import DEFAULTS_FILE
 
 if TYPE_CHECKING:
+    import PIL.Image
     import torch
 
     from kinoray.models.decode_plan import DecodePlan
@@ -76,6 +78,11 @@ class FamilyAdapter:
     # state. Elsewhere a cancelled row is computed to the end with its batch and then discarded,
     # and a batch whose rows are all cancelled stops at once.
     drops_rows: ClassVar[bool] = False
+    # Image-to-video: the components the encode stage loads besides the text ones to turn a
+    # reference image into conditioning (`encode_image`). Empty: the family takes no image.
+    image_components: ClassVar[frozenset[str]] = frozenset()
+    # dtypes of the image conditioning arrays other than float32
+    image_dtypes: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -97,6 +104,7 @@ class FamilyAdapter:
             size_multiple=cls.size_multiple(spec, spatial),
             frame_step=1 if cls.is_image_model else cls.frame_step(spec, temporal),
             optional_params=cls.optional_params(spec),
+            image_input=cls.image_input(spec),
             **({"max_frames": 1} if cls.is_image_model else {}),
         ).tightened(LimitOverrides(**cls.capacity(spec, spatial, temporal)))
         declared = cls._declared(spec)
@@ -146,6 +154,20 @@ class FamilyAdapter:
         return {}
 
     @classmethod
+    def image_input(cls, spec: ModelSpec) -> Literal["none", "optional", "required"]:
+        """Whether this checkpoint's requests give a reference image (see `RequestLimits`)."""
+        return "required" if cls.image_components else "none"
+
+    @classmethod
+    def image_conditioning_names(cls, spec: ModelSpec) -> tuple[str, ...]:
+        """What `encode_image` hands the denoiser for one reference image, by name."""
+        return ()
+
+    @functools.cached_property
+    def image_conditioning(self) -> tuple[str, ...]:
+        return self.image_conditioning_names(self.spec)
+
+    @classmethod
     def optional_params(cls, spec: ModelSpec) -> frozenset[str]:
         """Family-specific sampling parameters this checkpoint takes (see `SamplingParams`)."""
         return frozenset()
@@ -172,6 +194,9 @@ class FamilyAdapter:
         """
         import torch
 
+        if any(r.image for r in requests):
+            # The image-to-video pipelines take one image per call (Wan refuses a list).
+            return np.concatenate([cls._generate_from_image(spec, pipe, r) for r in requests])
         out = pipe(
             prompt=[r.prompt for r in requests],
             negative_prompt=[r.negative_prompt for r in requests],
@@ -182,6 +207,25 @@ class FamilyAdapter:
         )
         frames = out.images[:, None] if cls.is_image_model else out.frames
         return to_uint8(frames)
+
+    @classmethod
+    def _generate_from_image(cls, spec: ModelSpec, pipe: Any, request: GenerationRequest) -> np.ndarray:
+        import torch
+
+        from kinoray.models.images import ImagePolicy, fit_image, load_image
+
+        s = request.sampling
+        image, _ = load_image(request.image or "", ImagePolicy(allow_private_networks=True))
+        out = pipe(
+            image=fit_image(image, s.width, s.height),
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            generator=torch.Generator().manual_seed(request.seed),
+            output_type="np",
+            max_sequence_length=cls.text_tokens(spec),
+            **cls.pipeline_args(s),
+        )
+        return to_uint8(out.frames)
 
     @classmethod
     def text_tokens(cls, spec: ModelSpec) -> int:
@@ -204,7 +248,7 @@ class FamilyAdapter:
         diffusers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
-        keep = STAGE_COMPONENTS[stage]
+        keep = STAGE_COMPONENTS[stage] | (self.image_components if stage == "encode" else frozenset())
         # Components are the [library, class] entries; the rest (e.g. Wan 2.2's boundary_ratio) is config.
         components = [
             k for k, v in self.spec.model_index.items() if not k.startswith("_") and isinstance(v, list)
@@ -321,13 +365,17 @@ class FamilyAdapter:
             live[:] = [live[k] for k in keep]
             return self._drop_rows(pipe, keep, len(gone) + len(keep), kwargs)
 
-        tensors = {}
+        tensors, image = {}, {}
         for name, array in conditioning.items():
             t = torch.from_numpy(np.ascontiguousarray(array)).to(device)
-            tensors[name] = t.to(dtype) if t.is_floating_point() else t
-        with torch.inference_mode():
+            if name in self.image_conditioning:
+                image[name] = t  # as the pipeline makes them (float32 VAE latents, generator states)
+            else:
+                tensors[name] = t.to(dtype) if t.is_floating_point() else t
+        with torch.inference_mode(), self._image_call(image, sampling, generators) as image_args:
             latents = self.pipe(
                 **tensors,
+                **image_args,
                 **self.pipeline_args(sampling),
                 generator=generators,
                 max_sequence_length=self.max_sequence_length,
@@ -343,6 +391,24 @@ class FamilyAdapter:
         if live:
             full[live] = out
         return full.numpy()
+
+    def encode_image(
+        self, image: PIL.Image.Image, sampling: SamplingParams, seed: int
+    ) -> dict[str, np.ndarray]:
+        """One reference image, already `sampling.width` x `sampling.height` pixels (see
+        `kinoray.models.images.fit_image`) -> what the denoiser takes for it, named as in
+        `image_conditioning`, one row's arrays (no batch axis). `seed` is the row's: families
+        whose VAE samples its posterior draw from the row's generator here, as the pipeline does."""
+        raise NotImplementedError(f"the {self.name} family takes no reference image")
+
+    @contextlib.contextmanager
+    def _image_call(
+        self, image: dict[str, torch.Tensor], sampling: SamplingParams, generators: list[torch.Generator]
+    ) -> Iterator[dict[str, Any]]:
+        """While the denoiser's pipeline call runs: make it use the encode stage's image
+        conditioning (`image`, stacked per row) instead of encoding the image itself; yields the
+        call's extra arguments. Text-to-video rows (`image` empty) change nothing."""
+        yield {}
 
     @staticmethod
     def _drop_rows(pipe: Any, keep: list[int], n: int, tensors: dict[str, Any]) -> dict[str, Any]:

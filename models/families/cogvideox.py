@@ -1,7 +1,11 @@
-"""CogVideoX text-to-video (`CogVideoXPipeline`): T5 text encoder, expert DiT, 3D causal VAE."""
+"""CogVideoX text-to-video (`CogVideoXPipeline`) and image-to-video
+(`CogVideoXImageToVideoPipeline`): T5 text encoder, expert DiT, 3D causal VAE."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 from kinoray.models import tiny
@@ -61,6 +65,150 @@ class CogVideoXAdapter(FamilyAdapter):
 
     def _vae_decode(self, latents: Any) -> Any:
         return self.pipe.decode_latents(latents)
+
+
+class CogVideoXI2VAdapter(CogVideoXAdapter):
+    """CogVideoX I2V: the reference image's VAE latents are concatenated to the noise on the
+    channel axis (the transformer takes twice the latent channels).
+
+    Its VAE samples the posterior with the row's generator before the noise is drawn from the
+    same generator, so the encode stage hands the denoiser `image_latents` (F, C, h, w) and the
+    generator's state after sampling (`generator_state`, torch's uint8 state): the denoiser draws
+    its noise from where the pipeline would.
+    """
+
+    name = "cogvideox-i2v"
+    pipeline_class = "CogVideoXImageToVideoPipeline"
+    image_components = frozenset({"vae"})
+    image_dtypes = {"generator_state": "uint8"}
+
+    @classmethod
+    def image_conditioning_names(cls, spec: ModelSpec) -> tuple[str, ...]:
+        return ("image_latents", "generator_state")
+
+    def _load(self, stage: Any) -> Any:
+        pipe = super()._load(stage)
+        if stage == "encode":
+            # `prepare_latents` reads the transformer's config and the scheduler's initial sigma.
+            config = self.spec.read_config("config.json", "transformer")
+            pipe.transformer = SimpleNamespace(config=SimpleNamespace(**config))
+            pipe.scheduler = SimpleNamespace(init_noise_sigma=1.0)
+        return pipe
+
+    def encode_image(self, image: Any, sampling: SamplingParams, seed: int) -> dict[str, Any]:
+        import torch
+
+        pipe, s = self.pipe, sampling
+        device, dtype = pipe._execution_device, self.spec.torch_dtype()
+        config = pipe.transformer.config
+        generator = torch.Generator("cpu").manual_seed(seed)
+        # As `__call__` does: CogVideoX 1.5 pads latent frames to its temporal patch size.
+        num_frames, p_t = s.num_frames, config.patch_size_t
+        latent_frames = (num_frames - 1) // pipe.vae_scale_factor_temporal + 1
+        if p_t is not None and latent_frames % p_t:
+            num_frames += (p_t - latent_frames % p_t) * pipe.vae_scale_factor_temporal
+        with torch.inference_mode():
+            pixels = pipe.video_processor.preprocess(image, height=s.height, width=s.width).to(device, dtype)
+            # Given latents, `prepare_latents` draws no noise: only its VAE half runs.
+            _, image_latents = pipe.prepare_latents(
+                pixels, 1, config.in_channels // 2, num_frames, s.height, s.width, dtype, device,
+                [generator], torch.zeros(()),
+            )  # fmt: skip
+        return {
+            "image_latents": image_latents[0].float().cpu().numpy(),
+            "generator_state": generator.get_state().numpy(),
+        }
+
+    @contextlib.contextmanager
+    def _image_call(
+        self, image: dict[str, Any], sampling: SamplingParams, generators: list[Any]
+    ) -> Iterator[dict[str, Any]]:
+        import PIL.Image
+        from diffusers.utils.torch_utils import randn_tensor
+
+        pipe = self.pipe
+        image_latents, states = image["image_latents"], image["generator_state"].cpu()
+
+        def prepare_latents(
+            image: Any,
+            batch_size: int = 1,
+            num_channels_latents: int = 16,
+            num_frames: int = 13,
+            height: int = 60,
+            width: int = 90,
+            dtype: Any = None,
+            device: Any = None,
+            generator: Any = None,
+            latents: Any = None,
+        ) -> tuple[Any, Any]:
+            # CogVideoXImageToVideoPipeline.prepare_latents's noise, drawn after the sampling.
+            for g, state in zip(generator, states):
+                g.set_state(state.clone())  # a row view of the batch would not do: a copy of its own
+            if latents is None:
+                latents = randn_tensor(
+                    tuple(image_latents.shape), generator=generator, device=device, dtype=dtype
+                )
+            latents = latents.to(device) * pipe.scheduler.init_noise_sigma
+            return latents, image_latents.to(device=device, dtype=dtype)
+
+        pipe.prepare_latents = prepare_latents
+        try:
+            yield {"image": PIL.Image.new("RGB", (sampling.width, sampling.height))}
+        finally:
+            pipe.__dict__.pop("prepare_latents", None)
+
+
+@tiny.preset("tiny-cogvideox-i2v", tiny.VIDEO_DEFAULTS, tiny.VIDEO_LIMITS, image=True)
+def tiny_cogvideox_i2v() -> Any:
+    import torch
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDPMScheduler,
+        CogVideoXImageToVideoPipeline,
+        CogVideoXTransformer3DModel,
+    )
+    from transformers import T5EncoderModel
+
+    torch.manual_seed(0)
+    text_encoder = T5EncoderModel(tiny.t5_config("t5", 32, 2))
+    torch.manual_seed(1)
+    # CogVideoX-5b-I2V's layout: rotary positions, noise and image latents on the channel axis.
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,  # rotary splits it into time, height and width parts: each even
+        in_channels=8,
+        out_channels=4,
+        time_embed_dim=2,
+        text_embed_dim=32,
+        num_layers=1,
+        sample_width=8,
+        sample_height=8,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=226,
+        use_rotary_positional_embeddings=True,
+    )
+    torch.manual_seed(2)
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8,) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+    )
+    # The 5b checkpoints' scheduler; it draws noise from the generators at every step.
+    return CogVideoXImageToVideoPipeline(
+        tokenizer=tiny.byte_tokenizer(226),
+        text_encoder=text_encoder,
+        transformer=transformer,
+        vae=vae,
+        scheduler=CogVideoXDPMScheduler(timestep_spacing="trailing"),
+    )
 
 
 @tiny.preset("tiny-cogvideox", tiny.VIDEO_DEFAULTS, tiny.VIDEO_LIMITS)

@@ -1,9 +1,13 @@
-"""Wan 2.1 / 2.2 text-to-video (`WanPipeline`): UMT5 text encoder, flow-matching DiT (two experts
-in Wan 2.2 A14B), causal 3D VAE."""
+"""Wan 2.1 / 2.2 text-to-video (`WanPipeline`) and image-to-video (`WanImageToVideoPipeline`):
+UMT5 text encoder, flow-matching DiT (two experts in Wan 2.2 A14B), causal 3D VAE; Wan 2.1 I2V
+adds a CLIP image encoder."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from kinoray.models import tiny
@@ -73,12 +77,124 @@ class WanAdapter(FamilyAdapter):
         return self.pipe.vae.decode(latents / inv_std + mean, return_dict=False)[0]
 
 
+class WanI2VAdapter(WanAdapter):
+    """Wan 2.1 I2V (CLIP image embeddings + VAE condition) and Wan 2.2 I2V-A14B (VAE condition,
+    two experts). The reference image becomes, in the encode stage, `condition`: a mask of the
+    first latent frame and the VAE latents of the image followed by blank frames, (4 + z, T, h, w),
+    and for Wan 2.1 `image_embeds`: CLIP's penultimate hidden states (tokens, width).
+    """
+
+    name = "wan-i2v"
+    pipeline_class = "WanImageToVideoPipeline"
+    image_components = frozenset({"image_encoder", "image_processor", "vae"})
+    drops_rows = False  # the loop's `condition` is not a callback input: a row cannot leave
+    # The Wan 2.1 I2V 480P model card's settings.
+    defaults = {**WanAdapter.defaults}
+
+    @classmethod
+    def image_conditioning_names(cls, spec: ModelSpec) -> tuple[str, ...]:
+        clip = (spec.model_index.get("image_encoder") or [None])[0] is not None
+        return ("condition", "image_embeds") if clip else ("condition",)
+
+    def _load(self, stage: Any) -> Any:
+        pipe = super()._load(stage)
+        if stage == "denoise":
+            # `__call__` reads the VAE's config (z_dim) outside `prepare_latents`: a plain object
+            # answers, which `pipe.to` and offloading ignore.
+            vae = self.spec.read_config("config.json", "vae")
+            pipe.vae = SimpleNamespace(config=SimpleNamespace(**vae), dtype=self.spec.torch_dtype())
+        return pipe
+
+    def encode_image(self, image: Any, sampling: SamplingParams, seed: int) -> dict[str, Any]:
+        import torch
+
+        pipe, s = self.pipe, sampling
+        device = pipe._execution_device
+        out = {}
+        with torch.inference_mode():
+            if "image_embeds" in self.image_conditioning:
+                out["image_embeds"] = pipe.encode_image(image, device)[0]
+            pixels = pipe.video_processor.preprocess(image, height=s.height, width=s.width)
+            pixels = pixels.to(device, torch.float32)
+            z = pipe.vae.config.z_dim
+            frames = (s.num_frames - 1) // pipe.vae_scale_factor_temporal + 1
+            unit = pipe.vae_scale_factor_spatial
+            # Given latents, `prepare_latents` draws no noise: only its VAE half runs (argmax of
+            # the posterior: no generator is used).
+            placeholder = torch.zeros(1, z, frames, s.height // unit, s.width // unit, device=device)
+            condition = pipe.prepare_latents(
+                pixels, 1, z, s.height, s.width, s.num_frames, torch.float32, device, None, placeholder
+            )[1]
+            out["condition"] = condition[0]
+        return {k: v.float().cpu().numpy() for k, v in out.items()}
+
+    @contextlib.contextmanager
+    def _image_call(
+        self, image: dict[str, Any], sampling: SamplingParams, generators: list[Any]
+    ) -> Iterator[dict[str, Any]]:
+        import PIL.Image
+        from diffusers.utils.torch_utils import randn_tensor
+
+        pipe = self.pipe
+        condition, embeds = image["condition"], image.get("image_embeds")
+
+        def prepare_latents(
+            image: Any,
+            batch_size: int,
+            num_channels_latents: int = 16,
+            height: int = 480,
+            width: int = 832,
+            num_frames: int = 81,
+            dtype: Any = None,
+            device: Any = None,
+            generator: Any = None,
+            latents: Any = None,
+            last_image: Any = None,
+        ) -> tuple[Any, Any]:
+            # WanImageToVideoPipeline.prepare_latents's noise, with the encode stage's condition.
+            frames = (num_frames - 1) // pipe.vae_scale_factor_temporal + 1
+            unit = pipe.vae_scale_factor_spatial
+            shape = (batch_size, num_channels_latents, frames, height // unit, width // unit)
+            if latents is None:
+                latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            return latents.to(device=device, dtype=dtype), condition.to(device=device, dtype=dtype)
+
+        hooks = []
+        pipe.prepare_latents = prepare_latents
+        if embeds is not None:
+            # `__call__` encodes one image per call and repeats it over the batch; each row has
+            # its own, so they are handed to the transformer directly.
+            pipe.encode_image = lambda image, device=None: embeds[:1].to(device)
+
+            def per_row(module: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+                rows = embeds.to(kwargs["hidden_states"].device, module.dtype)
+                return args, {**kwargs, "encoder_hidden_states_image": rows}
+
+            hooks.append(pipe.transformer.register_forward_pre_hook(per_row, with_kwargs=True))
+        try:
+            yield {"image": PIL.Image.new("RGB", (sampling.width, sampling.height))}
+        finally:
+            for hook in hooks:
+                hook.remove()
+            pipe.__dict__.pop("prepare_latents", None)
+            pipe.__dict__.pop("encode_image", None)
+
+
 # -- tiny presets ----------------------------------------------------------------------------------
 
 
-def tiny_wan(scale: int = 1, experts: int = 1) -> Any:
+def tiny_wan(scale: int = 1, experts: int = 1, image: str | None = None) -> Any:
+    """Wan's architecture at toy size; `image` "clip" lays it out as Wan 2.1 I2V (a CLIP image
+    encoder, 36 input channels: noise, first-frame mask, image latents), "vae" as Wan 2.2
+    I2V-A14B (36 input channels, no image encoder)."""
     import torch
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanImageToVideoPipeline,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
     from transformers import UMT5EncoderModel
 
     # Larger presets grow the text encoder faster: it must cost tens of ms like the other stages.
@@ -93,7 +209,7 @@ def tiny_wan(scale: int = 1, experts: int = 1) -> Any:
                 patch_size=(1, 2, 2),
                 num_attention_heads=2 * scale,
                 attention_head_dim=12 * scale,
-                in_channels=16,
+                in_channels=16 if image is None else 36,
                 out_channels=16,
                 text_dim=text_dim,
                 freq_dim=256,
@@ -102,6 +218,9 @@ def tiny_wan(scale: int = 1, experts: int = 1) -> Any:
                 cross_attn_norm=True,
                 qk_norm="rms_norm_across_heads",
                 rope_max_seq_len=32,
+                # Wan 2.1 I2V: CLIP tokens (width 8) reach every block's extra key/value projections.
+                image_dim=8 if image == "clip" else None,
+                added_kv_proj_dim=24 * scale if image == "clip" else None,
             )
         )
     torch.manual_seed(2)
@@ -118,6 +237,16 @@ def tiny_wan(scale: int = 1, experts: int = 1) -> Any:
     )
     # Wan 2.2 A14B: a high-noise expert until the boundary timestep, a low-noise one after it.
     two = {"transformer_2": transformers[1], "boundary_ratio": 0.875} if experts == 2 else {}
+    if image is not None:
+        return WanImageToVideoPipeline(
+            tokenizer=tiny.byte_tokenizer(512),
+            text_encoder=text_encoder,
+            transformer=transformers[0],
+            vae=vae,
+            scheduler=scheduler,
+            **(_tiny_clip() if image == "clip" else {}),
+            **two,
+        )
     return WanPipeline(
         tokenizer=tiny.byte_tokenizer(512),
         text_encoder=text_encoder,
@@ -128,7 +257,37 @@ def tiny_wan(scale: int = 1, experts: int = 1) -> Any:
     )
 
 
+def _tiny_clip() -> dict[str, Any]:
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(3)
+    config = CLIPVisionConfig(
+        hidden_size=8,
+        projection_dim=8,
+        intermediate_size=16,
+        num_hidden_layers=2,  # the pipeline takes the penultimate hidden states
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,  # 17 tokens (Wan 2.1's ViT-H/14 gives 257)
+        hidden_act="gelu",
+    )
+    return {
+        "image_encoder": CLIPVisionModelWithProjection(config),
+        # Wan 2.1's: shortest edge 224, center crop, CLIP's mean and std; here 32 pixels.
+        "image_processor": CLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        ),
+    }
+
+
 tiny.preset("tiny-wan", tiny.VIDEO_DEFAULTS, tiny.VIDEO_LIMITS)(tiny_wan)
+tiny.preset("tiny-wan-i2v", tiny.VIDEO_DEFAULTS, tiny.VIDEO_LIMITS, image=True)(
+    lambda: tiny_wan(image="clip")
+)
+tiny.preset("tiny-wan22-i2v", tiny.VIDEO_DEFAULTS, tiny.VIDEO_LIMITS, image=True)(
+    lambda: tiny_wan(experts=2, image="vae")
+)
 tiny.preset("tiny-wan22", tiny.VIDEO_DEFAULTS, tiny.VIDEO_LIMITS)(lambda: tiny_wan(experts=2))
 # Heavy enough that every stage computes for tens of milliseconds on a CPU core, so benchmarks
 # measure the system rather than Ray's fixed per-call costs.

@@ -37,12 +37,12 @@ class Denoiser(ModelStage):
 
     def conditioning_columns(self) -> list[str]:
         names = list(self.adapter.conditioning)
-        return [*names, *(f"negative_{n}" for n in names)]
+        return [*names, *(f"negative_{n}" for n in names), *self.adapter.image_conditioning]
 
     def input_columns(self) -> dict[str, str]:
         cols = {"id": "row id (progress reports)", "seed": "seed of the initial noise"}
         cols.update({f: "sampling parameter" for f in SAMPLING_FIELDS})
-        cols.update({c: "text conditioning from the encode stage" for c in self.conditioning_columns()})
+        cols.update({c: "conditioning from the encode stage" for c in self.conditioning_columns()})
         return cols
 
     def output_columns(self) -> dict[str, str]:

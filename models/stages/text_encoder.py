@@ -1,4 +1,5 @@
-"""The encode stage: prompts -> the family's conditioning arrays, with an LRU cache of texts."""
+"""The encode stage: prompts (and reference images) -> the family's conditioning arrays, with an
+LRU cache of texts."""
 
 from __future__ import annotations
 
@@ -8,33 +9,54 @@ from typing import Any
 
 import numpy as np
 
-from kinoray.models.stages.base import Batch, ModelStage
+from kinoray.models.images import ImageError, ImagePolicy, fit_image, load_image
+from kinoray.models.stages.base import Batch, ModelStage, RowError, scalar
+from kinoray.models.stages.denoiser import sampling_of
 
 
 class TextEncoder(ModelStage):
     """Prompts -> `prompt_embeds` and the family's other conditioning (e.g. attention masks), each
     also as `negative_<name>` for the negative prompt, named as the pipeline's `__call__` takes them.
+    For image-to-video models, each row's reference image (`image`, read here: never by the
+    driver) -> the family's image conditioning (`adapter.image_conditioning`) and `image_sha256`.
 
     A job's negative prompt (usually one text for all rows) and any repeated prompt are encoded
-    once: the last `cache_size` texts' embeddings are kept.
+    once: the last `cache_size` texts' embeddings are kept. `image_policy` (an `ImagePolicy` or
+    its dict) bounds the images read.
     """
 
     name = "encode"
 
-    def __init__(self, model: Any = None, *, adapter: Any = None, cache_size: int = 1024):
+    def __init__(
+        self,
+        model: Any = None,
+        *,
+        adapter: Any = None,
+        cache_size: int = 1024,
+        image_policy: ImagePolicy | dict[str, Any] | None = None,
+    ):
         super().__init__(model, adapter=adapter)
         self.cache_size = cache_size
         self._cache: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
         self.cache_hits = 0
+        self.image_policy = ImagePolicy.model_validate(image_policy or {})
 
     def input_columns(self) -> dict[str, str]:
-        return {"prompt": "text to generate", "negative_prompt": "text to steer away from"}
+        cols = {"prompt": "text to generate", "negative_prompt": "text to steer away from"}
+        if self.adapter.image_conditioning:
+            cols.update(image="reference image: a path, URL or data: URL", seed="seed (VAEs that sample)")
+            cols.update(height="frame height", width="frame width", num_frames="frames in the clip")
+        return cols
 
     def output_columns(self) -> dict[str, str]:
         out = {}
         for name in self.adapter.conditioning:
             out[name] = f"the prompt's {name}, as the pipeline takes it"
             out[f"negative_{name}"] = f"the negative prompt's {name}"
+        for name in self.adapter.image_conditioning:
+            out[name] = f"the reference image's {name}"
+        if self.adapter.image_conditioning:
+            out["image_sha256"] = "SHA-256 of the reference image's file, hex"
         return out
 
     def output_dtypes(self) -> dict[str, np.dtype]:
@@ -43,6 +65,10 @@ class TextEncoder(ModelStage):
         return {
             **{name: arr.dtype for name, arr in first.items()},
             **{f"negative_{name}": arr.dtype for name, arr in first.items()},
+            **{
+                name: np.dtype(self.adapter.image_dtypes.get(name, "float32"))
+                for name in self.adapter.image_conditioning
+            },
         }
 
     def embed(self, texts: Sequence[str]) -> list[dict[str, np.ndarray]]:
@@ -69,4 +95,25 @@ class TextEncoder(ModelStage):
         for name in self.adapter.conditioning:
             out[name] = [e[name] for e in embeds[: len(rows)]]
             out[f"negative_{name}"] = [e[name] for e in embeds[len(rows) :]]
+        if self.adapter.image_conditioning:
+            out.update(self._encode_images(batch, rows))
+        return out
+
+    def _encode_images(self, batch: Batch, rows: list[int]) -> dict[str, list[Any]]:
+        names = self.adapter.image_conditioning
+        out: dict[str, list[Any]] = {name: [] for name in (*names, "image_sha256")}
+        for i in rows:
+            sampling = sampling_of(batch, i)
+            try:
+                image, digest = load_image(str(scalar(batch["image"][i])), self.image_policy)
+                image = fit_image(image, sampling.width, sampling.height, self.image_policy.resize)
+            except ImageError as exc:
+                error = RowError("invalid_image", f"image: {exc}")
+                for values in out.values():
+                    values.append(error)
+                continue
+            arrays = self.adapter.encode_image(image, sampling, int(scalar(batch["seed"][i])))
+            for name in names:
+                out[name].append(arrays[name])
+            out["image_sha256"].append(digest)
         return out

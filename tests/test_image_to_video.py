@@ -1,0 +1,113 @@
+"""Image-to-video through the three stages: each row's reference image, read in the encode stage,
+gives the frames the family's own image-to-video pipeline gives for it."""
+
+import hashlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kinoray.models import tiny
+from kinoray.models.config import KinorayConfig
+from kinoray.models.families import adapter_class, load_pipeline
+from kinoray.models.local import LocalPipeline
+from kinoray.models.request import RequestError
+from kinoray.models.spec import ModelSpec
+from kinoray.models.stages import Decoder, Denoiser, TextEncoder, requests_to_batch
+
+PRESETS = tiny.preset_names(tested_only=True, image=True)
+PROMPTS = [("a red fox in the snow", 11), ("surfing at sunset, wide shot", 2024), ("rain on a window", 7)]
+SMALL = {"height": 32, "width": 32, "num_inference_steps": 2}
+
+
+def picture(path, seed, size=(48, 40)):
+    """A noise picture of another aspect ratio than the video's: it is resized and cropped."""
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module", params=PRESETS)
+def local(request):
+    return LocalPipeline(KinorayConfig(model=ModelSpec(weights=request.param)))
+
+
+def frames_for(local):
+    return local.builder.limits.frame_step + 1
+
+
+def test_staged_equals_the_image_to_video_pipeline_per_reference_image(local, tmp_path):
+    images = [picture(tmp_path / f"{k}.png", k) for k in range(3)]
+    reqs = [
+        local.request(prompt=p, seed=s, image=img, num_frames=frames_for(local), **SMALL)
+        for (p, s), img in zip(PROMPTS, images)
+    ]
+    # The first row's prompt and seed with the second row's image: only the image differs.
+    reqs.append(reqs[0].model_copy(update={"id": "swapped", "image": images[1]}))
+    out = local.run(reqs)
+    assert list(out["error"]) == ["", "", "", ""]
+    spec = local.config.model
+    pipe, adapter = load_pipeline(spec), adapter_class(spec)
+    refs = [adapter.generate(spec, pipe, [r])[0] for r in reqs]
+    for i, ref in enumerate(refs):
+        got = out["frames"][i]
+        assert got.shape == (frames_for(local), 32, 32, 3)
+        # diffusers on CPU is not bitwise across batch sizes: allow one level of 255.
+        assert np.abs(got.astype(int) - ref.astype(int)).max() <= 1
+        for j, other in enumerate(refs):
+            if j != i:  # each row follows its own image and prompt, not a neighbour's
+                assert np.abs(got.astype(int) - other.astype(int)).max() > 1
+    digests = [hashlib.sha256(open(img, "rb").read()).hexdigest() for img in images]
+    assert list(local.encoder(requests_to_batch(reqs[:3]))["image_sha256"]) == digests
+
+
+def test_an_unreadable_image_fails_its_row_naming_image_and_spares_the_others(local, tmp_path):
+    good = picture(tmp_path / "good.png", 0)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    reqs = [
+        local.request(prompt="a", seed=1, image=good, num_frames=frames_for(local), **SMALL),
+        local.request(
+            prompt="b", seed=1, image=str(tmp_path / "missing.png"), num_frames=frames_for(local), **SMALL
+        ),
+        local.request(
+            prompt="c", seed=1, image=str(tmp_path / "broken.png"), num_frames=frames_for(local), **SMALL
+        ),
+    ]
+    out = local.run(reqs)
+    assert out["error"][0] == ""
+    for i in (1, 2):
+        assert out["error"][i].startswith("image: ") and out["error_reason"][i] == "invalid_image"
+        assert out["error_stage"][i] == "encode"
+    assert "missing.png" in out["error"][1]
+
+
+def test_requests_say_when_a_model_needs_or_refuses_an_image(tmp_path):
+    i2v = KinorayConfig(model=ModelSpec(weights=PRESETS[0])).request_builder()
+    t2v = KinorayConfig(model=ModelSpec(weights="tiny-wan")).request_builder()
+    assert i2v.limits.image_input == "required" and t2v.limits.image_input == "none"
+    with pytest.raises(RequestError) as info:
+        i2v.build({"prompt": "a fox"})
+    assert info.value.field == "image" and "reference image" in str(info.value)
+    with pytest.raises(RequestError) as info:
+        t2v.build({"prompt": "a fox", "image": "frame.png"})
+    assert info.value.field == "image" and "does not take" in str(info.value)
+    # The image is part of what the derived id digests: another image, another video.
+    a = i2v.build({"prompt": "a fox", "image": "a.png", "seed": 1})
+    b = i2v.build({"prompt": "a fox", "image": "b.png", "seed": 1})
+    assert a.id != b.id
+    # Text-to-video requests keep the ids they had before images existed.
+    assert (
+        t2v.build({"prompt": "a fox", "seed": 1}).id
+        == t2v.build({"prompt": "a fox", "seed": 1, "image": ""}).id
+    )
+
+
+def test_the_encode_stage_loads_the_image_components_only_for_image_models():
+    spec = ModelSpec(weights="tiny-wan-i2v")
+    loaded = {
+        cls.__name__: {k for k, v in cls(spec).adapter.pipe.components.items() if v is not None}
+        for cls in (TextEncoder, Denoiser, Decoder)
+    }
+    assert {"image_encoder", "image_processor", "vae"} <= loaded["TextEncoder"]
+    assert "transformer" not in loaded["TextEncoder"]
+    assert "image_encoder" not in loaded["Denoiser"] and "text_encoder" not in loaded["Denoiser"]
