@@ -11,6 +11,7 @@ builders' shared parts and the build cache.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 # A checkpoint's own request defaults and limits, written beside the weights: what a model
 # card would say ("made for up to 128x128, 33 frames").
@@ -42,7 +43,10 @@ class Preset:
     limits: dict[str, Any] = field(default_factory=dict)
     tested: bool = True
     folder: Path | None = None
-    image: bool = False  # an image-to-video model: every request gives a reference image
+    # Reference images: "none" (text-to-video), "optional" (either) or "required" (image-to-video).
+    image: Literal["none", "optional", "required"] = "none"
+    # A variant of a shipped checkpoint: its folder with these model_index.json entries changed.
+    model_index: dict[str, Any] = field(default_factory=dict)
 
 
 PRESETS: dict[str, Preset] = {}
@@ -53,7 +57,7 @@ def preset(
     defaults: dict[str, Any],
     limits: dict[str, Any] | None = None,
     tested: bool = True,
-    image: bool = False,
+    image: Literal["none", "optional", "required"] = "none",
 ) -> Callable[[Callable[[], Any]], Callable[[], Any]]:
     """Register the decorated pipeline builder as preset `name`."""
 
@@ -64,11 +68,47 @@ def preset(
     return register
 
 
-def shipped(name: str, folder: Path) -> None:
+def shipped(name: str, folder: Path, image: Literal["none", "optional", "required"] = "none") -> None:
     """Register the trained checkpoint in `folder` as preset `name`; its request defaults and
     limits are the ones written beside its weights (`kinoray.json`)."""
     declared = json.loads((folder / DEFAULTS_FILE).read_text())
-    PRESETS[name] = Preset(name, None, declared["defaults"], declared.get("limits", {}), True, folder)
+    PRESETS[name] = Preset(name, None, declared["defaults"], declared.get("limits", {}), True, folder, image)
+
+
+def variant(
+    name: str, of: str, image: Literal["none", "optional", "required"], **model_index: Any
+) -> None:
+    """Register preset `name`: shipped preset `of` with `model_index` entries changed (e.g. a
+    pipeline flag), the same weights."""
+    source = PRESETS[of]
+    # Tested where named: its weights are the source's, already in the test matrix.
+    PRESETS[name] = Preset(
+        name, None, source.defaults, source.limits, False, source.folder, image, model_index=model_index
+    )
+
+
+def _variant_folder(preset: Preset) -> Path:
+    # Named by what it is made of, so a change of the source's weights is never served stale.
+    assert preset.folder is not None
+    sums = preset.folder / "SHA256SUMS"
+    digest = hashlib.sha256(json.dumps(preset.model_index, sort_keys=True).encode() + sums.read_bytes())
+    dest = cache_dir() / f"{preset.name}-{digest.hexdigest()[:12]}"
+    if (dest / "model_index.json").exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{preset.name}-", dir=dest.parent))
+    try:
+        shutil.copytree(preset.folder, tmp, dirs_exist_ok=True)
+        index = json.loads((tmp / "model_index.json").read_text())
+        (tmp / "model_index.json").write_text(json.dumps({**index, **preset.model_index}, indent=2))
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not (dest / "model_index.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
 
 
 def _registry() -> dict[str, Preset]:
@@ -87,12 +127,10 @@ def preset_defaults(name: str) -> dict[str, Any]:
 
 
 def preset_names(tested_only: bool = False, image: bool | None = None) -> list[str]:
-    """Preset names; `image` True or False: only image-to-video presets, or only the others."""
-    return sorted(
-        n
-        for n, p in _registry().items()
-        if (p.tested or not tested_only) and (image is None or p.image == image)
-    )
+    """Preset names; `image` True: those that take a reference image, False: those that make
+    videos from text alone (a model that takes either is in both)."""
+    excluded = {True: "none", False: "required", None: None}[image]
+    return sorted(n for n, p in _registry().items() if (p.tested or not tested_only) and p.image != excluded)
 
 
 def cache_dir() -> Path:
@@ -122,9 +160,11 @@ def build(name: str, dest: Path) -> Path:
 
 def ensure(name: str) -> Path:
     """The local folder of preset `name`: the shipped checkpoint, or a build made on first use."""
-    folder = _registry()[name].folder
-    if folder is not None:
-        return folder
+    preset = _registry()[name]
+    if preset.model_index:
+        return _variant_folder(preset)
+    if preset.folder is not None:
+        return preset.folder
     dest = cache_dir() / f"{name}-v{BUILDER_VERSION}"
     if not (dest / "model_index.json").exists():
         build(name, dest)

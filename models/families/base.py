@@ -81,6 +81,9 @@ class FamilyAdapter:
     # Image-to-video: the components the encode stage loads besides the text ones to turn a
     # reference image into conditioning (`encode_image`). Empty: the family takes no image.
     image_components: ClassVar[frozenset[str]] = frozenset()
+    # The family's image-to-video pipeline, for checkpoints saved under the text-to-video class
+    # that also take an image (Wan 2.2 TI2V-5B, LTX-Video): it runs on the same components.
+    image_pipeline_class: ClassVar[str | None] = None
     # dtypes of the image conditioning arrays other than float32
     image_dtypes: ClassVar[dict[str, str]] = {}
 
@@ -159,6 +162,11 @@ class FamilyAdapter:
         return "required" if cls.image_components else "none"
 
     @classmethod
+    def image_components_of(cls, spec: ModelSpec) -> frozenset[str]:
+        """The components `spec`'s encode stage loads for reference images (see `image_components`)."""
+        return cls.image_components
+
+    @classmethod
     def image_conditioning_names(cls, spec: ModelSpec) -> tuple[str, ...]:
         """What `encode_image` hands the denoiser for one reference image, by name."""
         return ()
@@ -216,6 +224,11 @@ class FamilyAdapter:
 
         s = request.sampling
         image, _ = load_image(request.image or "", ImagePolicy(allow_private_networks=True))
+        if cls.image_pipeline_class is not None and type(pipe).__name__ != cls.image_pipeline_class:
+            import diffusers
+
+            pipe = getattr(diffusers, cls.image_pipeline_class).from_pipe(pipe)
+            pipe.set_progress_bar_config(disable=True)
         out = pipe(
             image=fit_image(image, s.width, s.height),
             prompt=request.prompt,
@@ -248,7 +261,9 @@ class FamilyAdapter:
         diffusers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
-        keep = STAGE_COMPONENTS[stage] | (self.image_components if stage == "encode" else frozenset())
+        keep = STAGE_COMPONENTS[stage] | (
+            self.image_components_of(self.spec) if stage == "encode" else frozenset()
+        )
         # Components are the [library, class] entries; the rest (e.g. Wan 2.2's boundary_ratio) is config.
         components = [
             k for k, v in self.spec.model_index.items() if not k.startswith("_") and isinstance(v, list)
@@ -268,6 +283,22 @@ class FamilyAdapter:
             self._set_vae_factors(pipe)
         if stage == "denoise":
             self._speedups(pipe)
+        return pipe
+
+    @functools.cached_property
+    def image_pipe(self) -> Any:
+        """The pipeline that takes a reference image: the loaded one, or the family's
+        image-to-video class on the same components (`image_pipeline_class`)."""
+        return self._make_image_pipe()
+
+    def _make_image_pipe(self) -> Any:
+        if self.image_pipeline_class is None or type(self.pipe).__name__ == self.image_pipeline_class:
+            return self.pipe
+        import diffusers
+
+        pipe = getattr(diffusers, self.image_pipeline_class).from_pipe(self.pipe)
+        pipe.set_progress_bar_config(disable=True)
+        self._set_vae_factors(pipe)
         return pipe
 
     def _set_vae_factors(self, pipe: Any) -> None:
@@ -359,7 +390,7 @@ class FamilyAdapter:
                 pipe._interrupt = True  # the pipeline skips its remaining steps
                 live.clear()
                 return {}
-            if not self.drops_rows:
+            if not self.drops_rows or image:  # an image's conditioning is no callback input
                 return {}
             keep = [k for k, row in enumerate(live) if row not in gone]
             live[:] = [live[k] for k in keep]
@@ -372,8 +403,8 @@ class FamilyAdapter:
                 image[name] = t  # as the pipeline makes them (float32 VAE latents, generator states)
             else:
                 tensors[name] = t.to(dtype) if t.is_floating_point() else t
-        with torch.inference_mode(), self._image_call(image, sampling, generators) as image_args:
-            latents = self.pipe(
+        with torch.inference_mode(), self._image_call(image, sampling, generators) as (pipe, image_args):
+            latents = pipe(
                 **tensors,
                 **image_args,
                 **self.pipeline_args(sampling),
@@ -381,7 +412,7 @@ class FamilyAdapter:
                 max_sequence_length=self.max_sequence_length,
                 output_type="latent",
                 callback_on_step_end=callback if on_step or cancelled else None,
-                callback_on_step_end_tensor_inputs=list(self.pipe._callback_tensor_inputs),
+                callback_on_step_end_tensor_inputs=list(pipe._callback_tensor_inputs),
                 return_dict=False,
             )[0]
             out = self._latents_out(latents, sampling).float().cpu()
@@ -404,11 +435,12 @@ class FamilyAdapter:
     @contextlib.contextmanager
     def _image_call(
         self, image: dict[str, torch.Tensor], sampling: SamplingParams, generators: list[torch.Generator]
-    ) -> Iterator[dict[str, Any]]:
-        """While the denoiser's pipeline call runs: make it use the encode stage's image
-        conditioning (`image`, stacked per row) instead of encoding the image itself; yields the
-        call's extra arguments. Text-to-video rows (`image` empty) change nothing."""
-        yield {}
+    ) -> Iterator[tuple[Any, dict[str, Any]]]:
+        """The pipeline the denoiser calls and its extra arguments: for rows with a reference
+        image, `image_pipe` made to use the encode stage's conditioning (`image`, stacked per
+        row) instead of encoding the image itself; for text-to-video rows (`image` empty) the
+        loaded pipeline as it is."""
+        yield self.pipe, {}
 
     @staticmethod
     def _drop_rows(pipe: Any, keep: list[int], n: int, tensors: dict[str, Any]) -> dict[str, Any]:

@@ -122,7 +122,7 @@ class CogVideoXI2VAdapter(CogVideoXAdapter):
     @contextlib.contextmanager
     def _image_call(
         self, image: dict[str, Any], sampling: SamplingParams, generators: list[Any]
-    ) -> Iterator[dict[str, Any]]:
+    ) -> Iterator[tuple[Any, dict[str, Any]]]:
         import PIL.Image
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -153,12 +153,12 @@ class CogVideoXI2VAdapter(CogVideoXAdapter):
 
         pipe.prepare_latents = prepare_latents
         try:
-            yield {"image": PIL.Image.new("RGB", (sampling.width, sampling.height))}
+            yield pipe, {"image": PIL.Image.new("RGB", (sampling.width, sampling.height))}
         finally:
             pipe.__dict__.pop("prepare_latents", None)
 
 
-@tiny.preset("tiny-cogvideox-i2v", tiny.VIDEO_DEFAULTS, tiny.VIDEO_LIMITS, image=True)
+@tiny.preset("tiny-cogvideox-i2v", tiny.VIDEO_DEFAULTS, tiny.VIDEO_LIMITS, image="required")
 def tiny_cogvideox_i2v() -> Any:
     import torch
     from diffusers import (

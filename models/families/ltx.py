@@ -1,13 +1,16 @@
-"""LTX-Video text-to-video (`LTXPipeline`): T5 text encoder with attention masks, DiT on packed
-latents, a VAE that decodes with timestep conditioning in later checkpoints."""
+"""LTX-Video text-to-video (`LTXPipeline`) and image-to-video (`LTXImageToVideoPipeline`, on the
+same checkpoints): T5 text encoder with attention masks, DiT on packed latents, a VAE that
+decodes with timestep conditioning in later checkpoints."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 from kinoray.models import tiny
-from kinoray.models.families.base import FamilyAdapter, StageName
+from kinoray.models.families.base import FamilyAdapter
 from kinoray.models.request import SamplingParams
 from kinoray.models.spec import ModelSpec
 
@@ -50,13 +53,64 @@ class LTXAdapter(FamilyAdapter):
         # LTX scales its rotary position embedding by the frame rate.
         return {**super().pipeline_args(sampling), "frame_rate": sampling.fps}
 
-    def _load(self, stage: StageName) -> Any:
-        pipe = super()._load(stage)
-        if stage != "decode":  # LTXPipeline names its VAE factors differently from Wan's
-            info = self.spec.info
-            pipe.vae_spatial_compression_ratio = info.vae_scale_factor_spatial
-            pipe.vae_temporal_compression_ratio = info.vae_scale_factor_temporal
+    def _set_vae_factors(self, pipe: Any) -> None:
+        super()._set_vae_factors(pipe)
+        # LTXPipeline names its VAE factors differently from Wan's.
+        info = self.spec.info
+        pipe.vae_spatial_compression_ratio = info.vae_scale_factor_spatial
+        pipe.vae_temporal_compression_ratio = info.vae_scale_factor_temporal
+
+    # -- reference images: every LTX-Video checkpoint takes one, optionally, through
+    # `LTXImageToVideoPipeline`. Its `prepare_latents` samples the image's VAE posterior and then
+    # draws the noise from the same generator, mixing them by a first-frame mask: the encode stage
+    # runs it with the row's seed and hands the denoiser the packed result, `initial_latents`
+    # (tokens, channels), which the pipeline takes as `latents=` without touching the image.
+
+    image_pipeline_class = "LTXImageToVideoPipeline"
+
+    @classmethod
+    def image_input(cls, spec: ModelSpec) -> Any:
+        return "optional"
+
+    @classmethod
+    def image_components_of(cls, spec: ModelSpec) -> frozenset[str]:
+        return frozenset({"vae"})
+
+    @classmethod
+    def image_conditioning_names(cls, spec: ModelSpec) -> tuple[str, ...]:
+        return ("initial_latents",)
+
+    def _make_image_pipe(self) -> Any:
+        pipe = super()._make_image_pipe()
+        # Without its transformer (the encode stage) the pipeline assumes patches of 1.
+        config = self.spec.read_config("config.json", "transformer")
+        pipe.transformer_spatial_patch_size = config.get("patch_size", 1)
+        pipe.transformer_temporal_patch_size = config.get("patch_size_t", 1)
         return pipe
+
+    def encode_image(self, image: Any, sampling: SamplingParams, seed: int) -> dict[str, Any]:
+        import torch
+
+        pipe, s = self.image_pipe, sampling
+        device = pipe._execution_device
+        channels = self.spec.read_config("config.json", "transformer")["in_channels"]
+        generator = torch.Generator("cpu").manual_seed(seed)
+        with torch.inference_mode():
+            pixels = pipe.video_processor.preprocess(image, height=s.height, width=s.width)
+            pixels = pixels.to(device, self.spec.torch_dtype())
+            latents, _ = pipe.prepare_latents(
+                pixels, 1, channels, s.height, s.width, s.num_frames, torch.float32, device, [generator]
+            )
+        return {"initial_latents": latents[0].float().cpu().numpy()}
+
+    @contextlib.contextmanager
+    def _image_call(
+        self, image: dict[str, Any], sampling: SamplingParams, generators: list[Any]
+    ) -> Iterator[tuple[Any, dict[str, Any]]]:
+        if not image:
+            yield self.pipe, {}
+            return
+        yield self.image_pipe, {"image": None, "latents": image["initial_latents"]}
 
     def _encode_prompt(self, texts: list[str]) -> tuple[Any, ...]:
         embeds, mask, _, _ = self.pipe.encode_prompt(
@@ -94,7 +148,7 @@ class LTXAdapter(FamilyAdapter):
         return vae.decode(latents.to(vae.dtype), timestep, return_dict=False)[0]
 
 
-@tiny.preset("tiny-ltx", tiny.VIDEO_DEFAULTS, tiny.VIDEO_LIMITS)
+@tiny.preset("tiny-ltx", tiny.VIDEO_DEFAULTS, tiny.VIDEO_LIMITS, image="optional")
 def tiny_ltx() -> Any:
     import torch
     from diffusers import (

@@ -24,6 +24,7 @@ class WanAdapter(FamilyAdapter):
     caches = frozenset({"first_block"})
     decode_chunk_frames = 4  # its causal VAE decodes one latent frame at a time
     drops_rows = True  # its loop's per-row tensors: latents and the two prompt embeddings
+    image_pipeline_class = "WanImageToVideoPipeline"
     # The Wan 2.1 T2V model card's settings for 480p.
     defaults = {
         "height": 480,
@@ -65,40 +66,28 @@ class WanAdapter(FamilyAdapter):
             args["guidance_scale_2"] = sampling.guidance_scale_2
         return args
 
-    def _vae_decode(self, latents: Any) -> Any:
-        # WanPipeline.__call__'s own un-normalisation of latents before `vae.decode`.
-        import torch
+    # -- reference images: Wan 2.2 TI2V-5B (a `WanPipeline` with `expand_timesteps`) takes one
+    # optionally; the image-to-video checkpoints (WanI2VAdapter) always. The encode stage turns it
+    # into `condition`: for Wan 2.1 / 2.2 A14B a mask of the first latent frame and the VAE
+    # latents of the image followed by blank frames, (4 + z, T, h, w); for TI2V the first frame's
+    # latents (z, 1, h, w), which the denoiser keeps as they are. Wan 2.1 adds `image_embeds`:
+    # CLIP's penultimate hidden states (tokens, width).
 
-        cfg = self.pipe.vae.config
-        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
-        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(
-            latents.device, latents.dtype
-        )
-        return self.pipe.vae.decode(latents / inv_std + mean, return_dict=False)[0]
+    @classmethod
+    def image_input(cls, spec: ModelSpec) -> Any:
+        return "optional" if spec.model_index.get("expand_timesteps") else "none"
 
-
-class WanI2VAdapter(WanAdapter):
-    """Wan 2.1 I2V (CLIP image embeddings + VAE condition) and Wan 2.2 I2V-A14B (VAE condition,
-    two experts). The reference image becomes, in the encode stage, `condition`: a mask of the
-    first latent frame and the VAE latents of the image followed by blank frames, (4 + z, T, h, w),
-    and for Wan 2.1 `image_embeds`: CLIP's penultimate hidden states (tokens, width).
-    """
-
-    name = "wan-i2v"
-    pipeline_class = "WanImageToVideoPipeline"
-    image_components = frozenset({"image_encoder", "image_processor", "vae"})
-    drops_rows = False  # the loop's `condition` is not a callback input: a row cannot leave
-    # The Wan 2.1 I2V 480P model card's settings.
-    defaults = {**WanAdapter.defaults}
+    @classmethod
+    def image_components_of(cls, spec: ModelSpec) -> frozenset[str]:
+        return frozenset({"vae"}) if spec.model_index.get("expand_timesteps") else frozenset()
 
     @classmethod
     def image_conditioning_names(cls, spec: ModelSpec) -> tuple[str, ...]:
-        clip = (spec.model_index.get("image_encoder") or [None])[0] is not None
-        return ("condition", "image_embeds") if clip else ("condition",)
+        return ("condition",) if spec.model_index.get("expand_timesteps") else ()
 
-    def _load(self, stage: Any) -> Any:
-        pipe = super()._load(stage)
-        if stage == "denoise":
+    def _make_image_pipe(self) -> Any:
+        pipe = super()._make_image_pipe()
+        if self.stage == "denoise":
             # `__call__` reads the VAE's config (z_dim) outside `prepare_latents`: a plain object
             # answers, which `pipe.to` and offloading ignore.
             vae = self.spec.read_config("config.json", "vae")
@@ -108,7 +97,7 @@ class WanI2VAdapter(WanAdapter):
     def encode_image(self, image: Any, sampling: SamplingParams, seed: int) -> dict[str, Any]:
         import torch
 
-        pipe, s = self.pipe, sampling
+        pipe, s = self.image_pipe, sampling
         device = pipe._execution_device
         out = {}
         with torch.inference_mode():
@@ -131,11 +120,15 @@ class WanI2VAdapter(WanAdapter):
     @contextlib.contextmanager
     def _image_call(
         self, image: dict[str, Any], sampling: SamplingParams, generators: list[Any]
-    ) -> Iterator[dict[str, Any]]:
+    ) -> Iterator[tuple[Any, dict[str, Any]]]:
         import PIL.Image
+        import torch
         from diffusers.utils.torch_utils import randn_tensor
 
-        pipe = self.pipe
+        if not image:
+            yield self.pipe, {}
+            return
+        pipe = self.image_pipe
         condition, embeds = image["condition"], image.get("image_embeds")
 
         def prepare_latents(
@@ -157,7 +150,13 @@ class WanI2VAdapter(WanAdapter):
             shape = (batch_size, num_channels_latents, frames, height // unit, width // unit)
             if latents is None:
                 latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-            return latents.to(device=device, dtype=dtype), condition.to(device=device, dtype=dtype)
+            latents = latents.to(device=device, dtype=dtype)
+            if not pipe.config.expand_timesteps:
+                return latents, condition.to(device=device, dtype=dtype)
+            # Wan 2.2 TI2V: `condition` is the first frame's latents, kept where the mask is 0.
+            first_frame_mask = torch.ones(1, 1, *shape[2:], dtype=dtype, device=device)
+            first_frame_mask[:, :, 0] = 0
+            return latents, condition.to(device=device, dtype=dtype), first_frame_mask
 
         hooks = []
         pipe.prepare_latents = prepare_latents
@@ -172,12 +171,46 @@ class WanI2VAdapter(WanAdapter):
 
             hooks.append(pipe.transformer.register_forward_pre_hook(per_row, with_kwargs=True))
         try:
-            yield {"image": PIL.Image.new("RGB", (sampling.width, sampling.height))}
+            yield pipe, {"image": PIL.Image.new("RGB", (sampling.width, sampling.height))}
         finally:
             for hook in hooks:
                 hook.remove()
             pipe.__dict__.pop("prepare_latents", None)
             pipe.__dict__.pop("encode_image", None)
+
+    def _vae_decode(self, latents: Any) -> Any:
+        # WanPipeline.__call__'s own un-normalisation of latents before `vae.decode`.
+        import torch
+
+        cfg = self.pipe.vae.config
+        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(
+            latents.device, latents.dtype
+        )
+        return self.pipe.vae.decode(latents / inv_std + mean, return_dict=False)[0]
+
+
+class WanI2VAdapter(WanAdapter):
+    """Wan 2.1 I2V (CLIP image embeddings + VAE condition) and Wan 2.2 I2V-A14B (VAE condition,
+    two experts): checkpoints saved as `WanImageToVideoPipeline`, which take an image always."""
+
+    name = "wan-i2v"
+    pipeline_class = "WanImageToVideoPipeline"
+    image_components = frozenset({"image_encoder", "image_processor", "vae"})
+    drops_rows = False  # the loop's `condition` is not a callback input: a row cannot leave
+
+    @classmethod
+    def image_input(cls, spec: ModelSpec) -> Any:
+        return "required"
+
+    @classmethod
+    def image_components_of(cls, spec: ModelSpec) -> frozenset[str]:
+        return cls.image_components
+
+    @classmethod
+    def image_conditioning_names(cls, spec: ModelSpec) -> tuple[str, ...]:
+        clip = (spec.model_index.get("image_encoder") or [None])[0] is not None
+        return ("condition", "image_embeds") if clip else ("condition",)
 
 
 # -- tiny presets ----------------------------------------------------------------------------------
@@ -257,6 +290,61 @@ def tiny_wan(scale: int = 1, experts: int = 1, image: str | None = None) -> Any:
     )
 
 
+def tiny_wan_ti2v() -> Any:
+    """Wan 2.2 TI2V-5B's layout at toy size: saved as a `WanPipeline` with `expand_timesteps` (as
+    its hub folder is), the 48-channel residual VAE that patchifies by 2 (16 pixels per latent
+    cell), one transformer of 48 channels in and out."""
+    import torch
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5EncoderModel
+
+    torch.manual_seed(0)
+    text_encoder = UMT5EncoderModel(tiny.t5_config("umt5", 32, 2))
+    torch.manual_seed(1)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=48,
+        out_channels=48,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    torch.manual_seed(2)
+    vae = AutoencoderKLWan(
+        base_dim=8,
+        decoder_base_dim=8,
+        z_dim=48,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        is_residual=True,
+        in_channels=12,
+        out_channels=12,
+        patch_size=2,
+        scale_factor_spatial=16,
+        scale_factor_temporal=4,
+        latents_mean=[0.0] * 48,
+        latents_std=[1.0] * 48,
+    )
+    return WanPipeline(
+        tokenizer=tiny.byte_tokenizer(512),
+        text_encoder=text_encoder,
+        transformer=transformer,
+        vae=vae,
+        # TI2V-5B's scheduler setting (flow matching, shift 5.0).
+        scheduler=UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0
+        ),
+        expand_timesteps=True,
+    )
+
+
 def _tiny_clip() -> dict[str, Any]:
     import torch
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -282,10 +370,11 @@ def _tiny_clip() -> dict[str, Any]:
 
 
 tiny.preset("tiny-wan", tiny.VIDEO_DEFAULTS, tiny.VIDEO_LIMITS)(tiny_wan)
-tiny.preset("tiny-wan-i2v", tiny.VIDEO_DEFAULTS, tiny.VIDEO_LIMITS, image=True)(
+tiny.preset("tiny-wan-i2v", tiny.VIDEO_DEFAULTS, tiny.VIDEO_LIMITS, image="required")(
     lambda: tiny_wan(image="clip")
 )
-tiny.preset("tiny-wan22-i2v", tiny.VIDEO_DEFAULTS, tiny.VIDEO_LIMITS, image=True)(
+tiny.preset("tiny-wan22-ti2v", tiny.VIDEO_DEFAULTS, tiny.VIDEO_LIMITS, image="optional")(tiny_wan_ti2v)
+tiny.preset("tiny-wan22-i2v", tiny.VIDEO_DEFAULTS, tiny.VIDEO_LIMITS, image="required")(
     lambda: tiny_wan(experts=2, image="vae")
 )
 tiny.preset("tiny-wan22", tiny.VIDEO_DEFAULTS, tiny.VIDEO_LIMITS)(lambda: tiny_wan(experts=2))
@@ -300,3 +389,5 @@ tiny.preset(
 
 # Trained by the project (`kinoray train-shapes`): draws the scenes of kinoray.models.scenes.
 tiny.shipped("shapes-wan", Path(__file__).resolve().parent.parent / "weights" / "shapes-wan")
+# The same weights as Wan 2.2 TI2V-5B runs them: a reference image becomes the first frame.
+tiny.variant("shapes-wan-ti2v", of="shapes-wan", image="optional", expand_timesteps=True)

@@ -9,7 +9,7 @@ import numpy as np
 
 from kinoray.models import telemetry
 from kinoray.models.request import SAMPLING_FIELDS, SamplingParams
-from kinoray.models.stages.base import Batch, ModelStage, RowError
+from kinoray.models.stages.base import Batch, ModelStage, RowError, scalar
 
 # (ids of the rows the step computed, steps done, total steps)
 ProgressCallback = Callable[[list[str], int, int], None]
@@ -25,8 +25,9 @@ def sampling_of(batch: Batch, i: int) -> SamplingParams:
 class Denoiser(ModelStage):
     """Conditioning + `seed` + sampling parameters -> `latents` (float32, what the VAE decodes).
 
-    Rows with equal `SamplingParams` are denoised together, up to `max_batch_size` per call;
-    each row's noise comes from its own seed, so a row's result does not depend on its batch.
+    Rows with equal `SamplingParams` are denoised together, up to `max_batch_size` per call (rows
+    with a reference image apart from those without); each row's noise comes from its own seed,
+    so a row's result does not depend on its batch.
     """
 
     name = "denoise"
@@ -52,7 +53,10 @@ class Denoiser(ModelStage):
         return tuple(self.conditioning_columns())
 
     def group_key(self, batch: Batch, i: int) -> Hashable:
-        return sampling_of(batch, i)
+        sampling = sampling_of(batch, i)
+        if not self.adapter.image_conditioning:
+            return sampling
+        return sampling, bool(scalar(batch["image"][i]))  # rows with an image: their own call
 
     def output_dtypes(self) -> dict[str, np.dtype]:
         return {"latents": np.dtype(np.float32)}
@@ -68,7 +72,8 @@ class Denoiser(ModelStage):
     ) -> dict[str, list[Any]]:
         """Denoise one group. Rows named by `cancelled` stop at the next step (see
         `FamilyAdapter.denoise`) and come out as `RowError("cancelled")`."""
-        assert isinstance(key, SamplingParams)
+        sampling, with_image = key if isinstance(key, tuple) else (key, False)
+        assert isinstance(sampling, SamplingParams)
         ids = [str(batch["id"][i]) for i in rows]
         stopped: set[str] = set()
 
@@ -85,10 +90,13 @@ class Denoiser(ModelStage):
                 in_step = [i for i in ids if i not in stopped] if self.adapter.drops_rows else ids
                 on_step(in_step, done, total)
 
-        conditioning = {c: np.stack([batch[c][i] for i in rows]) for c in self.conditioning_columns()}
+        columns = [
+            c for c in self.conditioning_columns() if with_image or c not in self.adapter.image_conditioning
+        ]
+        conditioning = {c: np.stack([batch[c][i] for i in rows]) for c in columns}
         seeds = [int(batch["seed"][i]) for i in rows]
         latents = self.adapter.denoise(
-            conditioning, seeds, key, on_step=step, cancelled=cancelled_rows if cancelled else None
+            conditioning, seeds, sampling, on_step=step, cancelled=cancelled_rows if cancelled else None
         )
         self.batch_sizes.append(len(rows))
         return {

@@ -103,6 +103,10 @@ class TextEncoder(ModelStage):
         names = self.adapter.image_conditioning
         out: dict[str, list[Any]] = {name: [] for name in (*names, "image_sha256")}
         for i in rows:
+            if not scalar(batch["image"][i]):  # text-to-video on a model that takes either
+                for values in out.values():
+                    values.append(None)
+                continue
             sampling = sampling_of(batch, i)
             try:
                 image, digest = load_image(str(scalar(batch["image"][i])), self.image_policy)
