@@ -62,6 +62,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     output = args.output or f"{request.id}{suffix}"
     _check_output(output)
     _check_device(config)
+    if request.image is not None:  # read before any model loads: a wrong path fails at once
+        from kinoray.models.images import ImageError, load_image
+
+        try:
+            load_image(request.image, config.images)
+        except ImageError as exc:
+            raise UserError(f"--image: {exc}") from None
     # Ctrl-C is noted and acted on once the running torch call returns: a KeyboardInterrupt
     # raised inside torch or a finalizer can be swallowed, and the video written anyway.
     stop = _NoteSigint()

@@ -222,7 +222,8 @@ class GenerationRequest(BaseModel):
     image: StrictText | None = Field(
         default=None,
         validate_default=True,
-        description="reference image to start from (image-to-video): a path or URL, or a data: URL",
+        description="reference image to start from (image-to-video): a path or URL, or a data: URL "
+        "(default: none, text to video)",
     )
     sampling: SamplingParams
 

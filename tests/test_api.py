@@ -167,3 +167,19 @@ def test_images_take_null_for_the_fields_openai_lets_be_null():
         {"prompt": "x", "n": None, "response_format": None, "output_format": None}, MODELS, BUILDER, ["img_1"]
     )
     assert (len(reqs), body.response_format, body.output_format) == (1, "b64_json", "png")
+
+
+def test_input_reference_is_a_400_naming_it_where_the_model_cannot_use_it():
+    # A text-to-video model refuses an image; an image-to-video model requires one.
+    with pytest.raises(APIError) as info:
+        create(input_reference="data:image/png;base64,AAAA")
+    assert (info.value.status, info.value.param) == (400, "input_reference")
+    assert "does not take a reference image" in info.value.message
+    i2v = KinorayConfig.model_validate({"model": {"weights": "tiny-wan-i2v"}}).request_builder()
+    with pytest.raises(APIError) as info:
+        parse_create({"prompt": "a fox"}, ["tiny-wan-i2v"], i2v, "video_1")
+    assert (info.value.status, info.value.param) == (400, "input_reference")
+    # The request's own `image` field is no API field: a client never names a server path.
+    with pytest.raises(APIError) as info:
+        parse_create({"prompt": "a fox", "image": "/etc/passwd"}, ["tiny-wan-i2v"], i2v, "video_1")
+    assert (info.value.status, info.value.param) == (400, "image")

@@ -67,7 +67,7 @@ MISTAKES = {
     ),
     "unknown preset": (
         lambda d: ["generate", "a fox", "--model", "tiny-foo"],
-        "--model: 'tiny-foo' is not a preset (bench-wan, shapes-wan, tiny-cogvideox",
+        "--model: 'tiny-foo' is not a preset (bench-wan, shapes-wan, shapes-wan-ti2v, tiny-cogvideox",
     ),
     "hub id offline and not cached": (
         lambda d: ["generate", "a fox", "--model", "someone/no-such-model"],
@@ -116,6 +116,14 @@ MISTAKES = {
     "a bulk output that is a file": (
         lambda d: ["batch", write(d / "p.jsonl", '{"prompt": "x"}\n'), "-o", write(d / "out.txt", "")],
         "is a file, not a folder",
+    ),
+    "an image for a text-to-video model": (
+        lambda d: ["generate", "a fox", "--image", write(d / "f.png", "")],
+        "image: this model does not take a reference image",
+    ),
+    "a reference image that is not there": (
+        lambda d: ["generate", "a fox", "--model", "shapes-wan-ti2v", "--image", str(d / "f.png")],
+        "--image: no such file: ",
     ),
     "a prompt table that is not there": (
         lambda d: ["batch", str(d / "p.jsonl"), "-o", str(d / "o")],
