@@ -75,9 +75,7 @@ def shipped(name: str, folder: Path, image: Literal["none", "optional", "require
     PRESETS[name] = Preset(name, None, declared["defaults"], declared.get("limits", {}), True, folder, image)
 
 
-def variant(
-    name: str, of: str, image: Literal["none", "optional", "required"], **model_index: Any
-) -> None:
+def variant(name: str, of: str, image: Literal["none", "optional", "required"], **model_index: Any) -> None:
     """Register preset `name`: shipped preset `of` with `model_index` entries changed (e.g. a
     pipeline flag), the same weights."""
     source = PRESETS[of]

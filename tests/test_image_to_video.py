@@ -142,3 +142,18 @@ def test_the_trained_model_as_ti2v_starts_its_video_from_the_image(tmp_path):
         frame0 = out["frames"][k][0]
         assert psnr(frame0, firsts[k]) > 23  # measured 27.3 and 28.7
         assert psnr(frame0, firsts[1 - k]) < psnr(frame0, firsts[k]) - 5
+
+
+def test_hunyuan_i2v_of_the_33_channel_kind_is_refused_when_the_model_loads(tmp_path):
+    import json
+    import shutil
+
+    from kinoray.models.spec import ModelError
+
+    folder = tmp_path / "hunyuan-33ch"
+    shutil.copytree(tiny.ensure("tiny-hunyuan-i2v"), folder)
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    config["image_condition_type"] = "latent_concat"
+    (folder / "transformer" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="latent_concat"):
+        ModelSpec(weights=str(folder)).info

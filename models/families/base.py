@@ -424,12 +424,13 @@ class FamilyAdapter:
         return full.numpy()
 
     def encode_image(
-        self, image: PIL.Image.Image, sampling: SamplingParams, seed: int
+        self, image: PIL.Image.Image, sampling: SamplingParams, seed: int, prompt: str
     ) -> dict[str, np.ndarray]:
         """One reference image, already `sampling.width` x `sampling.height` pixels (see
         `kinoray.models.images.fit_image`) -> what the denoiser takes for it, named as in
         `image_conditioning`, one row's arrays (no batch axis). `seed` is the row's: families
-        whose VAE samples its posterior draw from the row's generator here, as the pipeline does."""
+        whose VAE samples its posterior draw from the row's generator here, as the pipeline does.
+        `prompt` is the row's, for families whose text encoder also sees the image."""
         raise NotImplementedError(f"the {self.name} family takes no reference image")
 
     @contextlib.contextmanager

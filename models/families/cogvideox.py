@@ -95,7 +95,7 @@ class CogVideoXI2VAdapter(CogVideoXAdapter):
             pipe.scheduler = SimpleNamespace(init_noise_sigma=1.0)
         return pipe
 
-    def encode_image(self, image: Any, sampling: SamplingParams, seed: int) -> dict[str, Any]:
+    def encode_image(self, image: Any, sampling: SamplingParams, seed: int, prompt: str) -> dict[str, Any]:
         import torch
 
         pipe, s = self.pipe, sampling

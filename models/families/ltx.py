@@ -88,7 +88,7 @@ class LTXAdapter(FamilyAdapter):
         pipe.transformer_temporal_patch_size = config.get("patch_size_t", 1)
         return pipe
 
-    def encode_image(self, image: Any, sampling: SamplingParams, seed: int) -> dict[str, Any]:
+    def encode_image(self, image: Any, sampling: SamplingParams, seed: int, prompt: str) -> dict[str, Any]:
         import torch
 
         pipe, s = self.image_pipe, sampling

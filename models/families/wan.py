@@ -94,7 +94,7 @@ class WanAdapter(FamilyAdapter):
             pipe.vae = SimpleNamespace(config=SimpleNamespace(**vae), dtype=self.spec.torch_dtype())
         return pipe
 
-    def encode_image(self, image: Any, sampling: SamplingParams, seed: int) -> dict[str, Any]:
+    def encode_image(self, image: Any, sampling: SamplingParams, seed: int, prompt: str) -> dict[str, Any]:
         import torch
 
         pipe, s = self.image_pipe, sampling

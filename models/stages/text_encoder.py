@@ -116,7 +116,8 @@ class TextEncoder(ModelStage):
                 for values in out.values():
                     values.append(error)
                 continue
-            arrays = self.adapter.encode_image(image, sampling, int(scalar(batch["seed"][i])))
+            seed, prompt = int(scalar(batch["seed"][i])), str(batch["prompt"][i])
+            arrays = self.adapter.encode_image(image, sampling, seed, prompt)
             for name in names:
                 out[name].append(arrays[name])
             out["image_sha256"].append(digest)
