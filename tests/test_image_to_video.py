@@ -156,4 +156,4 @@ def test_hunyuan_i2v_of_the_33_channel_kind_is_refused_when_the_model_loads(tmp_
     config["image_condition_type"] = "latent_concat"
     (folder / "transformer" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match="latent_concat"):
-        ModelSpec(weights=str(folder)).info
+        KinorayConfig(model=ModelSpec(weights=str(folder))).request_builder()
