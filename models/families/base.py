@@ -301,6 +301,15 @@ class FamilyAdapter:
         self._set_vae_factors(pipe)
         return pipe
 
+    def _config_stub(self, component: str, **attributes: Any) -> Any:
+        """A plain object standing in for a component this stage does not load, answering the
+        reads of its config (and `attributes`) that a pipeline makes outside the code the stage
+        replaces. Not a module, so `pipe.to`, `_execution_device` and offloading ignore it."""
+        from types import SimpleNamespace
+
+        config = self.spec.read_config("config.json", component)
+        return SimpleNamespace(config=SimpleNamespace(**config), **attributes)
+
     def _set_vae_factors(self, pipe: Any) -> None:
         # Without its VAE the pipeline falls back to hard-coded scale factors: use the checkpoint's.
         info = self.spec.info

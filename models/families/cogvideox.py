@@ -90,8 +90,7 @@ class CogVideoXI2VAdapter(CogVideoXAdapter):
         pipe = super()._load(stage)
         if stage == "encode":
             # `prepare_latents` reads the transformer's config and the scheduler's initial sigma.
-            config = self.spec.read_config("config.json", "transformer")
-            pipe.transformer = SimpleNamespace(config=SimpleNamespace(**config))
+            pipe.transformer = self._config_stub("transformer")
             pipe.scheduler = SimpleNamespace(init_noise_sigma=1.0)
         return pipe
 

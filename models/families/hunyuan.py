@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -97,9 +96,8 @@ class HunyuanVideoI2VAdapter(HunyuanVideoAdapter):
     def _make_image_pipe(self) -> Any:
         pipe = super()._make_image_pipe()
         if self.stage == "denoise":
-            # `__call__` reads the VAE's dtype outside `prepare_latents`: a plain object answers.
-            vae = self.spec.read_config("config.json", "vae")
-            pipe.vae = SimpleNamespace(config=SimpleNamespace(**vae), dtype=self.spec.torch_dtype())
+            # `__call__` reads the VAE's dtype outside `prepare_latents`.
+            pipe.vae = self._config_stub("vae", dtype=self.spec.torch_dtype())
         return pipe
 
     def encode_image(self, image: Any, sampling: SamplingParams, seed: int, prompt: str) -> dict[str, Any]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from kinoray.models import tiny
@@ -88,10 +87,8 @@ class WanAdapter(FamilyAdapter):
     def _make_image_pipe(self) -> Any:
         pipe = super()._make_image_pipe()
         if self.stage == "denoise":
-            # `__call__` reads the VAE's config (z_dim) outside `prepare_latents`: a plain object
-            # answers, which `pipe.to` and offloading ignore.
-            vae = self.spec.read_config("config.json", "vae")
-            pipe.vae = SimpleNamespace(config=SimpleNamespace(**vae), dtype=self.spec.torch_dtype())
+            # `__call__` reads the VAE's config (z_dim) outside `prepare_latents`.
+            pipe.vae = self._config_stub("vae", dtype=self.spec.torch_dtype())
         return pipe
 
     def encode_image(self, image: Any, sampling: SamplingParams, seed: int, prompt: str) -> dict[str, Any]:
