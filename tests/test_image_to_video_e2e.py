@@ -285,3 +285,20 @@ def test_urls_the_server_must_not_fetch_are_refused(client, http_files):
     # The request's `image` field is not an API field: a client cannot name a server path.
     res = requests.post(f"{client.base_url}videos", json={"prompt": "a fox", "image": "/etc/passwd"})
     assert res.status_code == 400 and res.json()["error"]["param"] == "image"
+
+
+def test_a_url_on_the_own_network_is_fetched_when_the_config_allows_it(http_files):
+    """What the ingress does with `input_reference` under `images.allow_private_networks`."""
+    import asyncio
+
+    from kinoray.deployments.api import APIError, read_input_reference
+    from kinoray.models.images import ImagePolicy
+
+    Files.files["/own.png"] = png(10)
+    allowed = ImagePolicy(allow_private_networks=True)
+    value = {"image_url": f"{http_files}/own.png"}
+    assert asyncio.run(read_input_reference(value, allowed, 32, 32)) == png(10)
+    Files.hits.clear()
+    with pytest.raises(APIError) as info:  # the default policy: refused before connecting
+        asyncio.run(read_input_reference(value, ImagePolicy(), 32, 32))
+    assert (info.value.status, info.value.param) == (400, "input_reference") and Files.hits == []
