@@ -69,6 +69,13 @@ def scalar(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
+def reference_image(batch: Batch, i: int) -> str | None:
+    """Row `i`'s reference image, or None: a column of no images may come back from Arrow as
+    None or as NaN."""
+    value = scalar(batch["image"][i]) if "image" in batch else None
+    return value if isinstance(value, str) and value else None
+
+
 def column(values: Sequence[Any]) -> np.ndarray:
     """One column from per-row values: arrays of one shape stack; anything else is an object array."""
     if values and all(isinstance(v, np.ndarray) for v in values):

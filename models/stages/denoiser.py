@@ -9,7 +9,7 @@ import numpy as np
 
 from kinoray.models import telemetry
 from kinoray.models.request import SAMPLING_FIELDS, SamplingParams
-from kinoray.models.stages.base import Batch, ModelStage, RowError, scalar
+from kinoray.models.stages.base import Batch, ModelStage, RowError, reference_image
 
 # (ids of the rows the step computed, steps done, total steps)
 ProgressCallback = Callable[[list[str], int, int], None]
@@ -56,7 +56,7 @@ class Denoiser(ModelStage):
         sampling = sampling_of(batch, i)
         if not self.adapter.image_conditioning:
             return sampling
-        return sampling, bool(scalar(batch["image"][i]))  # rows with an image: their own call
+        return sampling, reference_image(batch, i) is not None  # rows with an image: their own call
 
     def output_dtypes(self) -> dict[str, np.dtype]:
         return {"latents": np.dtype(np.float32)}

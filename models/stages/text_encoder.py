@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from kinoray.models.images import ImageError, ImagePolicy, fit_image, load_image
-from kinoray.models.stages.base import Batch, ModelStage, RowError, scalar
+from kinoray.models.stages.base import Batch, ModelStage, RowError, reference_image, scalar
 from kinoray.models.stages.denoiser import sampling_of
 
 
@@ -103,13 +103,14 @@ class TextEncoder(ModelStage):
         names = self.adapter.image_conditioning
         out: dict[str, list[Any]] = {name: [] for name in (*names, "image_sha256")}
         for i in rows:
-            if not scalar(batch["image"][i]):  # text-to-video on a model that takes either
+            ref = reference_image(batch, i)
+            if ref is None:  # text-to-video on a model that takes either
                 for values in out.values():
                     values.append(None)
                 continue
             sampling = sampling_of(batch, i)
             try:
-                image, digest = load_image(str(scalar(batch["image"][i])), self.image_policy)
+                image, digest = load_image(ref, self.image_policy)
                 image = fit_image(image, sampling.width, sampling.height, self.image_policy.resize)
             except ImageError as exc:
                 error = RowError("invalid_image", f"image: {exc}")
