@@ -229,7 +229,8 @@ def test_bad_bodies(server):
         f"{server}/v1/videos", data=b"\xff\xfe", headers={**auth, "Content-Type": "application/json"}
     )
     assert resp.status_code == 400
-    huge = b'{"prompt": "' + b"x" * (2 << 20) + b'"}'
+    # Over the body limit of a create: 1 MiB plus a reference image's base64 (20 MiB of image).
+    huge = b'{"prompt": "' + b"x" * (29 << 20) + b'"}'
     resp = requests.post(
         f"{server}/v1/videos", data=huge, headers={**auth, "Content-Type": "application/json"}
     )
