@@ -10,6 +10,7 @@ import json
 import math
 import re
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 from fastapi import Request
@@ -402,6 +403,30 @@ def parse_create(
 
 
 REFERENCE_PENDING = "input_reference"
+# Reference image URLs fetched at once by one ingress replica, on threads of their own: slow
+# hosts cannot hold up uploads (decoded on the event loop's default threads), and a flood of
+# them is answered 429 rather than queued past its timeout.
+MAX_FETCHES = 16
+_FETCHERS = ThreadPoolExecutor(MAX_FETCHES, thread_name_prefix="kinoray-fetch")
+_fetching = 0
+
+
+async def _fetch(url: str, policy: ImagePolicy) -> bytes:
+    global _fetching
+    if _fetching >= MAX_FETCHES:
+        raise APIError(
+            429,
+            f"{MAX_FETCHES} reference image URLs are being fetched; retry later or upload the image",
+            type="rate_limit_exceeded",
+            param="input_reference",
+            code="too_many_fetches",
+            headers={"Retry-After": "5"},
+        )
+    _fetching += 1
+    try:
+        return await asyncio.get_running_loop().run_in_executor(_FETCHERS, fetch_url, url, policy)
+    finally:
+        _fetching -= 1
 
 
 async def read_input_reference(value: Any, policy: ImagePolicy, width: int, height: int) -> bytes:
@@ -421,6 +446,11 @@ async def read_input_reference(value: Any, policy: ImagePolicy, width: int, heig
 
     try:
         if hasattr(value, "read"):  # a starlette UploadFile
+            size = getattr(value, "size", None)
+            if size is not None and size > policy.max_bytes:
+                raise ImageError(
+                    f"the image file is {size:,} bytes; the limit is {policy.max_bytes:,} bytes", "too_large"
+                )
             data = await value.read(policy.max_bytes + 1)
         else:
             url = value.get("image_url") if isinstance(value, dict) else value
@@ -436,7 +466,12 @@ async def read_input_reference(value: Any, policy: ImagePolicy, width: int, heig
             if url.startswith("data:"):
                 data = parse_data_url(url, policy)
             elif url.lower().startswith(("http://", "https://")):
-                data = await asyncio.to_thread(fetch_url, url, policy)
+                data = await _fetch(url, policy)
+            elif isinstance(value, str) and "://" not in url[:16]:
+                # A multipart part without a filename arrives as text, not as a file.
+                raise refuse(
+                    'send the image as a file (a multipart part with a filename), or {"image_url": ...}'
+                )
             else:
                 raise refuse("image_url must be a data: URL or an http(s) URL")
         image = await asyncio.to_thread(decode_image, data, policy)

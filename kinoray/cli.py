@@ -68,7 +68,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         try:
             load_image(request.image, config.images)
         except ImageError as exc:
-            raise UserError(f"--image: {exc}") from None
+            raise UserError(f"image: {exc}") from None
     # Ctrl-C is noted and acted on once the running torch call returns: a KeyboardInterrupt
     # raised inside torch or a finalizer can be swallowed, and the video written anyway.
     stop = _NoteSigint()

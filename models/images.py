@@ -160,8 +160,9 @@ def decode_image(data: bytes, policy: ImagePolicy) -> Image.Image:
             im.load()
             upright = ImageOps.exif_transpose(im)
             # As diffusers.utils.load_image does: EXIF orientation, then convert("RGB"), which
-            # drops alpha (no compositing) and clips 16-bit and float samples to 0..255.
-            return upright.convert("RGB")
+            # drops alpha (no compositing). Its convert clips 16-bit samples to 0..255 (a mid-gray
+            # 16-bit PNG would turn white): they are scaled to 8 bits first.
+            return _eight_bit(upright).convert("RGB")
     except ImageError:
         raise
     except Image.DecompressionBombError:
@@ -177,6 +178,17 @@ def decode_image(data: bytes, policy: ImagePolicy) -> Image.Image:
         ) from None
     except _DECODE_ERRORS as e:
         raise ImageError(f"the image is damaged or truncated ({e})", "corrupt") from None
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """An image of 16-bit (or 32-bit integer) samples, as 16-bit grayscale PNGs load, scaled to
+    8 bits; other images as they are."""
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        return image
+    import numpy as np
+
+    samples = np.asarray(image, dtype=np.int64)
+    return Image.fromarray(np.clip(samples >> 8, 0, 255).astype(np.uint8), mode="L")
 
 
 def _identify(data: bytes) -> str | None:
@@ -224,7 +236,7 @@ def parse_data_url(url: str, policy: ImagePolicy) -> bytes:
 
     Only base64 data is accepted, with an ``image/*`` media type or none (RFC 2397 would read
     none as text/plain; clients that omit it mean an image here). The base64 is strict
-    (RFC 4648 alphabet and padding, no whitespace). A payload whose length implies more than
+    (RFC 4648 alphabet and padding) once whitespace is dropped: wrapped lines are fine. A payload whose length implies more than
     `max_bytes` is refused before it is decoded. The media type is not trusted: `decode_image`
     identifies the format from the bytes.
 
@@ -244,6 +256,9 @@ def parse_data_url(url: str, policy: ImagePolicy) -> bytes:
         raise ImageError(f"the data URL holds {media_type}, not an image (image/*)", "unsupported_format")
     if not params or params[-1].strip().lower() != "base64":
         raise ImageError("only base64 data URLs are accepted (data:image/...;base64,...)", "unreadable")
+    # Line breaks and spaces are not base64 (RFC 4648), but `base64` and MIME tools wrap
+    # their output (RFC 2045): they are dropped.
+    payload = "".join(payload.split())
     if len(payload) > 4 * -(-policy.max_bytes // 3):  # the base64 length of max_bytes bytes
         raise _too_many_bytes(len(payload) // 4 * 3, policy.max_bytes)
     try:

@@ -267,8 +267,8 @@ class GenerationRequest(BaseModel):
     @classmethod
     def _image(cls, v: str | None, info: ValidationInfo) -> str | None:
         takes = _limits(info).image_input
-        if v is not None and not v.strip():
-            v = None
+        if v is not None and not v.strip():  # e.g. an unset shell variable: never a silent text-only video
+            raise ValueError("is empty; leave it out to make a video from text alone")
         if v is None and takes == "required":
             raise ValueError("this model generates from a reference image; give one")
         if v is not None and takes == "none":

@@ -74,7 +74,10 @@ def image_label(image: str | None) -> str | None:
     if not image or not image.startswith("data:"):
         return image
     header, _, payload = image.partition(",")
-    return f"{header},... ({len(payload) * 3 // 4} bytes)"
+    if payload.startswith("... ("):  # labelled already
+        return image
+    size = len(payload) * 3 // 4 - payload[-2:].count("=")  # base64: 3 bytes per 4 characters
+    return f"{header},... ({size} bytes)"
 
 
 def join(base: str, *parts: str) -> str:

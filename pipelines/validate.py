@@ -57,10 +57,11 @@ def validate_rows(
                 if req.image is not None:
                     row["image"] = resolve_image(req.image, files[index])
         if error is not None:
-            raw_id, prompt = obj.get("id"), obj.get("prompt")
+            raw_id, prompt, image = obj.get("id"), obj.get("prompt"), obj.get("image")
             row.update(
                 id=raw_id if isinstance(raw_id, str) and ID_PATTERN.match(raw_id) else None,
                 prompt=prompt if isinstance(prompt, str) and _storable(prompt) else None,
+                image=image if isinstance(image, str) and _storable(image) else None,
                 status="failed",
                 error=error,
                 error_stage="validate",

@@ -183,3 +183,18 @@ def test_input_reference_is_a_400_naming_it_where_the_model_cannot_use_it():
     with pytest.raises(APIError) as info:
         parse_create({"prompt": "a fox", "image": "/etc/passwd"}, ["tiny-wan-i2v"], i2v, "video_1")
     assert (info.value.status, info.value.param) == (400, "image")
+
+
+def test_a_flood_of_reference_image_urls_is_a_429_not_a_queue(monkeypatch):
+    import asyncio
+
+    from kinoray.deployments import api
+    from kinoray.models.images import ImagePolicy
+
+    monkeypatch.setattr(api, "_fetching", api.MAX_FETCHES)  # every fetch thread busy
+    with pytest.raises(APIError) as info:
+        asyncio.run(
+            api.read_input_reference({"image_url": "https://example.com/a.png"}, ImagePolicy(), 64, 64)
+        )
+    assert (info.value.status, info.value.param) == (429, "input_reference")
+    assert info.value.headers == {"Retry-After": "5"}

@@ -121,9 +121,13 @@ MISTAKES = {
         lambda d: ["generate", "a fox", "--image", write(d / "f.png", "")],
         "image: this model does not take a reference image",
     ),
+    "an empty reference image": (
+        lambda d: ["generate", "a fox", "--model", "shapes-wan-ti2v", "--image", " "],
+        "image: is empty; leave it out",
+    ),
     "a reference image that is not there": (
         lambda d: ["generate", "a fox", "--model", "shapes-wan-ti2v", "--image", str(d / "f.png")],
-        "--image: no such file: ",
+        "image: no such file: ",
     ),
     "a prompt table that is not there": (
         lambda d: ["batch", str(d / "p.jsonl"), "-o", str(d / "o")],

@@ -103,11 +103,9 @@ def test_requests_say_when_a_model_needs_or_refuses_an_image(tmp_path):
     a = i2v.build({"prompt": "a fox", "image": "a.png", "seed": 1})
     b = i2v.build({"prompt": "a fox", "image": "b.png", "seed": 1})
     assert a.id != b.id
-    # Text-to-video requests keep the ids they had before images existed.
-    assert (
-        t2v.build({"prompt": "a fox", "seed": 1}).id
-        == t2v.build({"prompt": "a fox", "seed": 1, "image": ""}).id
-    )
+    # An empty image is a mistake (an unset variable), never a silent text-only video.
+    with pytest.raises(RequestError, match="image: is empty"):
+        i2v.build({"prompt": "a fox", "image": " "})
 
 
 def test_the_encode_stage_loads_the_image_components_only_for_image_models():

@@ -577,3 +577,32 @@ def test_s3_keys_absolute_and_relative(monkeypatch):
     finally:
         S3FileSystem.clear_instance_cache()
         server.stop()
+
+
+def test_a_16_bit_grayscale_png_keeps_its_gray():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from kinoray.models.images import ImagePolicy, decode_image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 30000, np.uint16)).save(buf, "PNG")  # 30000 / 65535: 46% gray
+    rgb = np.asarray(decode_image(buf.getvalue(), ImagePolicy()))
+    assert rgb.shape == (8, 8, 3) and abs(int(rgb.mean()) - 30000 * 255 // 65535) <= 1
+
+
+def test_a_data_url_with_wrapped_base64_lines_is_read():
+    import base64
+    import io
+
+    from PIL import Image
+
+    from kinoray.models.images import ImagePolicy, parse_data_url
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(buf, "PNG")
+    encoded = base64.encodebytes(buf.getvalue()).decode()  # 76-character lines, as `base64` writes
+    assert "\n" in encoded.strip()
+    assert parse_data_url("data:image/png;base64," + encoded, ImagePolicy()) == buf.getvalue()
