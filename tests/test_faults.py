@@ -93,8 +93,10 @@ def batch_command(prompts, out):
 )
 def test_a_stopped_job_keeps_every_video_it_wrote(tmp_path, sig):
     """Ctrl-C (SIGINT to the job's process group), SIGTERM to the job's process (what a container
-    stop or `kill` sends) or SIGKILL of a 24-row job once 6 videos exist: the rerun generates exactly the rows without a video and ends like an uninterrupted run."""
-    rows = 24
+    stop or `kill` sends) or SIGKILL of a 48-row job once 6 videos exist: the rerun generates exactly the rows without a video and ends like an uninterrupted run."""
+    # Videos are written in bursts of a block of rows; rows that each take a while to denoise
+    # leave seconds between bursts, so the job is stopped with most of its rows to go.
+    rows = 48
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(
         "".join(
@@ -102,9 +104,9 @@ def test_a_stopped_job_keeps_every_video_it_wrote(tmp_path, sig):
                 {
                     "id": f"r{i:02d}",
                     "prompt": f"stop {i}",
-                    "num_inference_steps": 8,
-                    "height": 32,
-                    "width": 32,
+                    "num_inference_steps": 20,
+                    "height": 64,
+                    "width": 64,
                 }
             )
             + "\n"
@@ -129,11 +131,12 @@ def test_a_stopped_job_keeps_every_video_it_wrote(tmp_path, sig):
     else:
         os.killpg(proc.pid, sig)  # as Ctrl-C does: the driver and the local Ray cluster it started
     stdout, stderr = proc.communicate(timeout=120)
-    # Workers orphaned by a SIGKILL notice their raylet is gone and exit: wait for all of them,
-    # so that no video is written after the listing below.
-    _, alive = psutil.wait_procs(tree, timeout=60)
+    # Workers orphaned by a SIGKILL take a while to notice their raylet is gone: they are
+    # stopped here, so that no video is written after the listing below.
+    _, alive = psutil.wait_procs(tree, timeout=5)
     for p in alive:
         p.kill()
+    psutil.wait_procs(alive, timeout=10)
     written = {p.name: p.stat().st_mtime_ns for p in (out / "videos").glob("*.mp4")}
     assert 6 <= len(written) < rows, "the job finished before it could be stopped"
     if sig != signal.SIGKILL:

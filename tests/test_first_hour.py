@@ -279,7 +279,7 @@ def test_serve_run_with_the_example_serve_config_comes_up_on_two_cpus(tmp_path):
     finally:
         serve.send_signal(signal.SIGINT)
         try:
-            serve.wait(timeout=60)
+            serve.wait(timeout=15)
         except subprocess.TimeoutExpired:  # a slow shutdown is not what this test is about
             serve.kill()
         finally:  # never leave the cluster behind: later modules would join it
