@@ -325,11 +325,13 @@ def run_job(
             metrics.update(counts)
 
     poller = threading.Thread(target=poll, daemon=True)
+    batches = None
     try:
         resume_latents = ray.get(state.has_saved_latents.remote())
         dataset = build_dataset(files, builder, config, output, run, state, dry_run, resume_latents)
         poller.start()
-        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        batches = iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
+        for batch in batches:
             if on_rows is not None and batch.num_rows:
                 on_rows(batch.num_rows)
         stop_polling.set()
@@ -340,6 +342,10 @@ def run_job(
     except JobInterrupted as exc:
         interrupted = exc
     finally:
+        if interrupted is not None and batches is not None:
+            # Closing the iterator shuts Ray Data's executor down now: a stopped job writes no
+            # more videos while what it finished is recorded.
+            batches.close()
         stop_polling.set()
         if poller.is_alive():
             poller.join()
