@@ -9,6 +9,7 @@ import time
 
 import psutil
 import pytest
+import yaml
 
 from kinoray.models.config import KinorayConfig
 from kinoray.models.video import probe_video
@@ -72,7 +73,7 @@ def test_a_denoiser_actor_killed_mid_job(ray_cluster, tmp_path):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def batch_command(prompts, out):
+def batch_command(prompts, out, config="examples/job.yaml"):
     return [
         sys.executable,
         "-m",
@@ -82,7 +83,7 @@ def batch_command(prompts, out):
         "-o",
         str(out),
         "--config",
-        "examples/job.yaml",
+        str(config),
         "--model",
         "tiny-wan",  # the example's pools; a model whose videos come fast enough to stop mid-job
     ]
@@ -94,9 +95,16 @@ def batch_command(prompts, out):
 def test_a_stopped_job_keeps_every_video_it_wrote(tmp_path, sig):
     """Ctrl-C (SIGINT to the job's process group), SIGTERM to the job's process (what a container
     stop or `kill` sends) or SIGKILL of a 48-row job once 6 videos exist: the rerun generates exactly the rows without a video and ends like an uninterrupted run."""
-    # Videos are written in bursts of a block of rows; rows that each take a while to denoise
-    # leave seconds between bursts, so the job is stopped with most of its rows to go.
+    # The example's pools with one row per call: videos are written one by one rather than in
+    # bursts of a block of rows (a burst can hold every row of a fast job), so the job is
+    # stopped with most of its rows to go.
     rows = 48
+    with open(os.path.join(ROOT, "examples", "job.yaml")) as f:
+        job = yaml.safe_load(f)
+    for stage in ("encoder", "denoiser", "decoder"):
+        job[stage].update(batch_size=1, max_replicas=1)
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(job))
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(
         "".join(
@@ -115,7 +123,7 @@ def test_a_stopped_job_keeps_every_video_it_wrote(tmp_path, sig):
     )
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        batch_command(prompts, out),
+        batch_command(prompts, out, config),
         cwd=ROOT,
         start_new_session=True,
         stdout=subprocess.PIPE,
@@ -150,7 +158,9 @@ def test_a_stopped_job_keeps_every_video_it_wrote(tmp_path, sig):
 
     if sig == signal.SIGTERM:
         return  # it stops the job as SIGINT does; the rerun after that is checked there
-    res = subprocess.run(batch_command(prompts, out), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        batch_command(prompts, out, config), cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"rows: {rows - len(written)} ok" in res.stdout, res.stdout
     assert {n: (out / "videos" / n).stat().st_mtime_ns for n in written} == written  # none made again
