@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -23,7 +23,11 @@ class HunyuanVideoAdapter(FamilyAdapter):
     decode_memory_factor = 14.4  # measured on the tiny preset: kinoray bench --decode-memory
     default_max_sequence_length = 256
     caches = frozenset({"first_block"})
-    conditioning = ("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask")
+    conditioning: ClassVar[tuple[str, ...]] = (
+        "prompt_embeds",
+        "pooled_prompt_embeds",
+        "prompt_attention_mask",
+    )
     # The HunyuanVideo model card's 720p settings; guidance is distilled into the transformer.
     defaults = {
         "height": 720,

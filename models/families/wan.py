@@ -140,7 +140,7 @@ class WanAdapter(FamilyAdapter):
             generator: Any = None,
             latents: Any = None,
             last_image: Any = None,
-        ) -> tuple[Any, Any]:
+        ) -> tuple[Any, ...]:
             # WanImageToVideoPipeline.prepare_latents's noise, with the encode stage's condition.
             frames = (num_frames - 1) // pipe.vae_scale_factor_temporal + 1
             unit = pipe.vae_scale_factor_spatial
