@@ -93,12 +93,23 @@ def _variant_folder(preset: Preset) -> Path:
     dest = cache_dir() / f"{preset.name}-{digest.hexdigest()[:12]}"
     if (dest / "model_index.json").exists():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{preset.name}-", dir=dest.parent))
-    try:
-        shutil.copytree(preset.folder, tmp, dirs_exist_ok=True)
+    source = preset.folder
+
+    def write(tmp: Path) -> None:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
         index = json.loads((tmp / "model_index.json").read_text())
         (tmp / "model_index.json").write_text(json.dumps({**index, **preset.model_index}, indent=2))
+
+    return _write_folder(dest, write)
+
+
+def _write_folder(dest: Path, write: Callable[[Path], None]) -> Path:
+    """`dest`, filled by `write` in a temporary folder beside it and renamed into place:
+    concurrent builders never see half a model, and the first to finish wins."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        write(tmp)
         try:
             os.rename(tmp, dest)
         except OSError:
@@ -140,20 +151,13 @@ def build(name: str, dest: Path) -> Path:
     spec = _registry()[name]
     assert spec.build is not None, f"{name} is shipped, not built"
     pipe = spec.build()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=dest.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         pipe.save_pretrained(tmp, safe_serialization=True)
         declared = {"defaults": spec.defaults, "limits": spec.limits}
         (tmp / DEFAULTS_FILE).write_text(json.dumps(declared, indent=2))
-        try:
-            os.rename(tmp, dest)
-        except OSError:
-            if not (dest / "model_index.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+
+    return _write_folder(dest, write)
 
 
 def ensure(name: str) -> Path:
