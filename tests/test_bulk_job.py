@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import tables
-from helpers import SAME_VIDEO_DB, decoded, free_port, psnr
+from helpers import SAME_VIDEO_DB, decoded, psnr
 
 from kinoray.cli import main
 from kinoray.models.config import KinorayConfig
@@ -30,24 +30,6 @@ CONFIG = KinorayConfig.model_validate(
     }
 )
 SMALL = {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 2}
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    # Set before Ray starts, so the readers, stage and writer workers inherit them.
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="test",
-        AWS_SECRET_ACCESS_KEY="test",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
-    )
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 @pytest.fixture(scope="module")
