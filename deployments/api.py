@@ -277,24 +277,73 @@ async def read_body(request: Request, max_bytes: int = MAX_BODY_BYTES) -> dict[s
         except Exception as exc:
             raise APIError(400, f"cannot parse form body: {exc}", code="invalid_form") from None
         fields: dict[str, Any] = {}
+        nested: list[tuple[str, str]] = []
         for key, value in form.multi_items():
-            if isinstance(value, str) or key in FILE_FIELDS:
+            if not isinstance(value, str) and key not in FILE_FIELDS:
+                # A text field sent as a file part (what `requests` sends for `files={...}`).
+                raw = await value.read(MAX_BODY_BYTES + 1)
+                try:
+                    value = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise APIError(
+                        400, f"{key}: a text field must be UTF-8", param=key, code="invalid_value"
+                    ) from None
+            if "[" in key and isinstance(value, str):
+                nested.append((key, value))
+            else:
                 fields[key] = value
-                continue
-            # A text field sent as a file part (what `requests` sends for `files={...}`).
-            raw = await value.read(MAX_BODY_BYTES + 1)
-            try:
-                fields[key] = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise APIError(
-                    400, f"{key}: a text field must be UTF-8", param=key, code="invalid_value"
-                ) from None
+        fields.update(form_lists(nested))
         return fields
     raise APIError(
         415,
         f"unsupported content type {ctype or 'none'!r}; send application/json or multipart/form-data",
         code="unsupported_media_type",
     )
+
+
+_LIST_KEY = re.compile(r"^(\w+)\[(\d*)\](?:\[(\w+)\])?$", re.ASCII)
+
+
+def form_lists(items: list[tuple[str, str]]) -> dict[str, Any]:
+    """Form fields that spell a list -> the list: what the openai client sends for a list in
+    `extra_body` of a multipart request (`lora[][name]=a`, `lora[][scale]=0.8`, ..., keys in
+    "brackets" format, each key's values in order), and the indexed form (`lora[0][name]`).
+
+    Raises APIError 400 naming the field for keys that are not such a list, or entries that
+    cannot be told apart (a key given for some entries only, in the brackets format)."""
+    lists: dict[str, dict[str, list[str]]] = {}
+    indexed: dict[str, dict[int, dict[str, str]]] = {}
+    for key, value in items:
+        match = _LIST_KEY.match(key)
+        if match is None:
+            raise APIError(400, f"{key}: not a field of this API", param=key, code="invalid_value")
+        name, index, attr = match.groups()
+        if index:
+            entry = indexed.setdefault(name, {}).setdefault(int(index), {})
+            if attr is None:
+                entry[""] = value
+            else:
+                entry[attr] = value
+        else:
+            lists.setdefault(name, {}).setdefault(attr or "", []).append(value)
+    out: dict[str, Any] = {}
+    for name, entries in indexed.items():
+        out[name] = [entry.get("", entry) if "" in entry else entry for _, entry in sorted(entries.items())]
+    for name, columns in lists.items():
+        if "" in columns:  # name[]=a&name[]=b: a list of values
+            out[name] = out.get(name, []) + columns.pop("")
+        if columns:
+            counts = {len(values) for values in columns.values()}
+            if len(counts) > 1:
+                raise APIError(
+                    400,
+                    f"{name}: every entry must give the same keys ({', '.join(sorted(columns))}) in a form",
+                    param=name,
+                    code="invalid_value",
+                )
+            keys = list(columns)
+            out[name] = out.get(name, []) + [{k: columns[k][i] for k in keys} for i in range(counts.pop())]
+    return out
 
 
 def parse_create(

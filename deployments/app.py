@@ -38,13 +38,19 @@ def build(config: KinorayConfig) -> Application:
             model,
             config.encoder.batch_size,
             config.encoder.batch_wait_timeout_s,
-            config.images.model_dump(mode="json"),
+            config.encode_options(),
         )
     )
     denoiser = (
         serve.deployment(DenoiserDeployment)
         .options(**_options("denoiser", config.denoiser))
-        .bind(model, config.serve.storage, config.denoiser.batch_size, config.denoiser.batch_wait_timeout_s)
+        .bind(
+            model,
+            config.serve.storage,
+            config.denoiser.batch_size,
+            config.denoiser.batch_wait_timeout_s,
+            config.denoise_options(),
+        )
     )
     decoder = (
         serve.deployment(DecoderDeployment)

@@ -7,7 +7,6 @@ import base64
 import logging
 import re
 import time
-import uuid
 from typing import Any
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -43,12 +42,13 @@ from kinoray.deployments.store import (
     JobStore,
     created_at,
     new_job_id,
+    replica_id,
 )
 from kinoray.deployments.webhooks import Outbox
 from kinoray.models import telemetry
 from kinoray.models.config import KinorayConfig
 from kinoray.models.images import image_digest
-from kinoray.models.request import RequestError
+from kinoray.models.request import RequestError, lora_key, parse_loras
 
 log = logging.getLogger(__name__)
 
@@ -134,14 +134,6 @@ CREATE_BODY = {
 }
 
 
-# Above the class: `serve.ingress` serializes it where it is defined.
-def _replica_id() -> str:
-    try:
-        return str(serve.get_replica_context().replica_id.unique_id)
-    except RayServeException:
-        return f"local-{uuid.uuid4().hex[:8]}"
-
-
 @serve.ingress(api)
 class Ingress:
     def __init__(
@@ -168,7 +160,7 @@ class Ingress:
         self.progress_read: dict[str, tuple[float, int | None]] = {}
         self.images_in_flight = 0
         self.outbox = Outbox(self.store, self.serve_config.webhooks)
-        self.owner = _replica_id()
+        self.owner = replica_id()
         self.draining = False
         self.store.renew_lease(self.owner)
         self._housekeeping: asyncio.Task[None] | None = None
@@ -251,6 +243,7 @@ class Ingress:
             size=f"{req.sampling.width}x{req.sampling.height}",
             seed=req.seed,
             input_reference_sha256=digest,
+            lora=[ref.model_dump() for ref in req.lora] or None,
             request=req.row(),
             deadline_at=time.time() + self.serve_config.job_deadline_s,
         )
@@ -287,6 +280,7 @@ class Ingress:
                 "expires_at": None,
                 "error": None,
                 "remixed_from_video_id": source.id,
+                "denoised_by": None,
                 "request": req.row(),
                 "deadline_at": time.time() + self.serve_config.job_deadline_s,
             }
@@ -556,7 +550,7 @@ class Ingress:
             return
         variants = {name: result[name] for name in JobStore.VARIANTS if result.get(name)}
         self.store.put_video(record.id, result["video"], result["suffix"], variants)
-        if self._finish(record.id, "completed", progress=100) is None:
+        if self._finish(record.id, "completed", progress=100, denoised_by=result.get("denoised_by")) is None:
             self.store.delete(record.id)  # deleted while its files were written
             return
         telemetry.inc("kinoray_videos_total", frontend="online")
@@ -579,13 +573,16 @@ class Ingress:
         return record
 
     async def _generate(self, row: dict[str, Any]) -> dict[str, Any]:
+        # A request with LoRA adapters goes to a denoiser replica holding its adapter set.
+        adapter_set = lora_key(parse_loras(row.get("lora")))
+        denoiser = self.denoiser.options(multiplexed_model_id=adapter_set) if adapter_set else self.denoiser
         for attempt in range(1, ATTEMPTS + 1):
             responses = []
             try:
                 # Responses are passed on unresolved: embeddings and latents go replica to
                 # replica through the object store, never through the ingress.
                 responses.append(self.encoder.remote(row))
-                responses.append(self.denoiser.remote(responses[0]))
+                responses.append(denoiser.remote(responses[0]))
                 responses.append(self.decoder.remote(responses[1]))
                 return await responses[2]
             except asyncio.CancelledError:

@@ -62,10 +62,10 @@ class EncoderDeployment(_BatchedStage):
         model: dict[str, Any],
         batch_size: int = 8,
         batch_wait_timeout_s: float = 0.05,
-        image_policy: dict[str, Any] | None = None,
+        encode_options: dict[str, Any] | None = None,
     ):
         super().__init__(batch_size, batch_wait_timeout_s)
-        self.stage = TextEncoder(model, image_policy=image_policy)
+        self.stage = TextEncoder(model, **(encode_options or {}))
 
     def process(self, batch: Batch) -> Batch:
         return self.stage(batch)
@@ -76,16 +76,37 @@ class DenoiserDeployment(_BatchedStage):
 
     A job stops at the next step when its request is cancelled (Serve propagates the caller's
     cancellation here) or when its record leaves the job store (deleted through any ingress
-    replica; checked once per PROGRESS_INTERVAL_S). Its batch-mates go on."""
+    replica; checked once per PROGRESS_INTERVAL_S). Its batch-mates go on.
+
+    Requests with LoRA adapters come with Serve's `multiplexed_model_id` set to their adapter
+    set (`lora_key`): the replica reports the sets it holds, so Serve routes each request to a
+    replica that already has its adapters, and `@serve.batch` batches one set at a time. The
+    stage's `LoraCache` loads and evicts the adapters themselves. Each row's output names the
+    replica that denoised it (`denoised_by`)."""
 
     def __init__(
-        self, model: dict[str, Any], storage: str, batch_size: int = 4, batch_wait_timeout_s: float = 0.05
+        self,
+        model: dict[str, Any],
+        storage: str,
+        batch_size: int = 4,
+        batch_wait_timeout_s: float = 0.05,
+        denoise_options: dict[str, Any] | None = None,
     ):
-        from kinoray.deployments.store import JobStore
+        from kinoray.deployments.store import JobStore, replica_id
 
         super().__init__(batch_size, batch_wait_timeout_s)
-        self.stage = Denoiser(model, max_batch_size=batch_size)
+        options = {**(denoise_options or {}), "max_batch_size": batch_size}  # Serve's batch
+        self.stage = Denoiser(model, **options)
         self.store = JobStore(storage)
+        self.replica = replica_id()
+
+        async def hold_adapter_set(model_id: str) -> str:
+            return model_id  # the stage loads the set's adapters in the call that needs them
+
+        # Serve keeps as many adapter sets per replica as the stage keeps adapters.
+        self._adapter_sets = serve.multiplexed(max_num_models_per_replica=self.stage.loras.capacity)(
+            hold_adapter_set
+        )
         self._last_progress: dict[str, float] = {}
         self._last_check: dict[str, float] = {}
         self.steps_done: dict[str, int] = {}  # rows being denoised -> steps done
@@ -95,6 +116,9 @@ class DenoiserDeployment(_BatchedStage):
         self.stopped: deque[dict[str, Any]] = deque(maxlen=1000)
 
     async def __call__(self, row: Row) -> Row:
+        adapter_set = serve.get_multiplexed_model_id()
+        if adapter_set:
+            await self._adapter_sets(adapter_set)
         try:
             return await self.run(row)
         except asyncio.CancelledError:
@@ -164,7 +188,13 @@ class DenoiserDeployment(_BatchedStage):
                         "stopped_at_step": dropped_at.get(i, 0),
                     }
                 )
+        out["denoised_by"] = np.array([self.replica] * batch_len(out), dtype=object)
         return out
+
+    def get_lora_stats(self) -> dict[str, Any]:
+        """This replica's id and its adapters: held (least recently used first), loads, hits,
+        evictions by name."""
+        return {"replica": self.replica, **self.stage.loras.stats()}
 
     def get_stopped(self) -> list[dict[str, Any]]:
         """The last 1000 cancelled rows: id, how the cancellation came (`request`: Serve's

@@ -47,16 +47,29 @@ class JobRecord(BaseModel):
     # kinoray's own fields
     duration_s: float | None = None
     input_reference_sha256: str | None = None  # SHA-256 of the reference image's file, hex
+    lora: list[dict[str, Any]] | None = None  # the LoRA adapters applied: [{name, scale}]
     seed: int
     request: dict[str, Any]
     deadline_at: float
     owner: str | None = None  # the ingress replica running the job
+    denoised_by: str | None = None  # the denoiser replica that made it
 
     def public(self) -> dict[str, Any]:
         return self.model_dump(exclude=INTERNAL_FIELDS)
 
 
-INTERNAL_FIELDS = {"request", "deadline_at", "owner"}
+INTERNAL_FIELDS = {"request", "deadline_at", "owner", "denoised_by"}
+
+
+def replica_id() -> str:
+    """The Serve replica this runs in (its unique id): a job's owner, a row's denoiser."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except RayServeException:
+        return f"local-{uuid.uuid4().hex[:8]}"
 
 
 def new_job_id() -> str:

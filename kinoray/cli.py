@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any, NoReturn
 
-from kinoray.models.request import field_type, request_fields
+from kinoray.models.request import field_type, is_scalar, request_fields
 
 # Request fields the generate command takes as flags (the prompt is positional, the id derived).
 REQUEST_FLAGS = [f for f in request_fields() if f not in ("id", "prompt")]
@@ -351,6 +351,15 @@ def _add_request_flags(p: argparse.ArgumentParser) -> None:
         default = "derived from the id" if name == "seed" else "the model's"
         if name in shown:
             default += f"; {shown[name]} for {tiny.DEFAULT_MODEL}"
+        if not is_scalar(info):  # a list (`lora`): the flag is repeated, one NAME[:SCALE] each
+            p.add_argument(
+                *flags,
+                dest=name,
+                action="append",
+                metavar="NAME[:SCALE]",
+                help=f"{info.description}; repeatable",
+            )
+            continue
         p.add_argument(
             *flags,
             dest=name,

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kinoray.models.images import ImagePolicy
+from kinoray.models.loras import LoraSource, catalog_entries
 from kinoray.models.request import LimitOverrides, RequestBuilder, RequestDefaults
 from kinoray.models.spec import ModelSpec
 
@@ -54,6 +55,17 @@ class StageConfig(BaseModel):
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
         return self
+
+
+class DenoiserConfig(StageConfig):
+    """The denoise stage: a stage, plus how many LoRA adapters a replica keeps loaded."""
+
+    max_loras: int = Field(
+        default=4,
+        ge=1,
+        description="LoRA adapters a replica keeps loaded, least recently used evicted first "
+        "(also the most one request may combine)",
+    )
 
 
 class DecoderConfig(StageConfig):
@@ -236,12 +248,22 @@ class KinorayConfig(BaseModel):
         default_factory=ImagePolicy,
         description="reference images (image-to-video): size caps, URL fetching, resizing",
     )
+    loras: dict[str, LoraSource] = Field(
+        default_factory=dict,
+        description="LoRA adapters requests may name: name -> a folder, .safetensors file or hub id "
+        "(or {weights, weight_name, revision, weights_2})",
+    )
     encoder: StageConfig = Field(default_factory=StageConfig)
-    denoiser: StageConfig = Field(default_factory=StageConfig)
+    denoiser: DenoiserConfig = Field(default_factory=DenoiserConfig)
     decoder: DecoderConfig = Field(default_factory=DecoderConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _catalog(cls, v: Any) -> Any:
+        return catalog_entries(v) if isinstance(v, Mapping) else v
 
     @classmethod
     def load(cls, path: str | Path | None, model: Mapping[str, Any] | None = None) -> KinorayConfig:
@@ -281,6 +303,25 @@ class KinorayConfig(BaseModel):
             )
         return data
 
+    def encode_options(self) -> dict[str, Any]:
+        """The TextEncoder stage's keyword arguments (besides the model)."""
+        return {
+            "image_policy": self.images.model_dump(mode="json"),
+            "loras": self._catalog_dicts(),
+            "max_loras": self.denoiser.max_loras,
+        }
+
+    def denoise_options(self) -> dict[str, Any]:
+        """The Denoiser stage's keyword arguments (besides the model)."""
+        return {
+            "max_batch_size": self.denoiser.batch_size,
+            "loras": self._catalog_dicts(),
+            "max_loras": self.denoiser.max_loras,
+        }
+
+    def _catalog_dicts(self) -> dict[str, dict[str, Any]]:
+        return {name: source.model_dump() for name, source in self.loras.items()}
+
     def with_model(self, **changes: Any) -> KinorayConfig:
         """A copy with `model` fields replaced (and validated), e.g. from CLI flags."""
         spec = ModelSpec.model_validate({**self.model.model_dump(exclude_unset=True), **changes})
@@ -293,9 +334,10 @@ class KinorayConfig(BaseModel):
         """
         info = self.model.info
         defaults = {**info.defaults, **BaseModel.model_dump(self.defaults, exclude_none=True)}
-        return RequestBuilder(
-            defaults=defaults, limits=info.limits.tightened(self.limits), model=self.model.identity
+        limits = info.limits.tightened(self.limits).model_copy(
+            update={"lora_names": frozenset(self.loras), "max_loras": self.denoiser.max_loras}
         )
+        return RequestBuilder(defaults=defaults, limits=limits, model=self.model.identity)
 
 
 class ConfigError(ValueError):

@@ -20,8 +20,8 @@ class LocalPipeline:
         self.config = config or KinorayConfig()
         self.builder = builder or self.config.request_builder()
         spec = self.config.model
-        self.encoder = TextEncoder(spec, image_policy=self.config.images)
-        self.denoiser = Denoiser(spec, max_batch_size=self.config.denoiser.batch_size)
+        self.encoder = TextEncoder(spec, **self.config.encode_options())
+        self.denoiser = Denoiser(spec, **self.config.denoise_options())
         self.decoder = Decoder(spec, **self.config.decoder.decode_options())
 
     def request(self, **fields: Any) -> GenerationRequest:

@@ -20,7 +20,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -69,6 +69,10 @@ class RequestLimits(BaseModel):
     # Whether requests give a reference image: never (text-to-video), either way (Wan 2.2 TI2V,
     # LTX-Video) or always (the image-to-video checkpoints of Wan 2.1, Wan 2.2 A14B, CogVideoX).
     image_input: Literal["none", "optional", "required"] = "none"
+    # LoRA adapters of the deployment's catalog (`loras:`) that requests may name, and how many
+    # one request may combine (no more than a denoiser replica keeps loaded).
+    lora_names: frozenset[str] = frozenset()
+    max_loras: int = 4
 
     def tightened(self, overrides: LimitOverrides) -> RequestLimits:
         """These limits, narrowed (never widened) by a deployment's `limits:` section."""
@@ -210,6 +214,114 @@ def _is_optional_param(info: FieldInfo) -> bool:
 OPTIONAL_PARAMS = frozenset(n for n, f in SamplingParams.model_fields.items() if _is_optional_param(f))
 
 
+# Adapter names are keys of a deployment's catalog, never paths: a request cannot make a
+# server read a file or a hub repository that its config does not list.
+LORA_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class LoraRef(BaseModel):
+    """One LoRA adapter of a request: a catalog `name` and the `scale` its weights are applied at
+    (diffusers' `set_adapters(adapter_weights=...)`; 1.0 as trained, 0 off)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: StrictText = Field(description="an adapter of the deployment's catalog (`loras:` in its config)")
+    scale: float = Field(default=1.0, description="strength of the adapter's weights (default 1.0)")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if "/" in v or "\\" in v or v.startswith((".", "~")) or ":" in v:
+            raise ValueError(
+                f"{v!r} looks like a path or URL; name an adapter of the catalog (`loras:` in the config)"
+            )
+        if not LORA_NAME_PATTERN.match(v):
+            raise ValueError(f"{v!r} is not an adapter name (1-64 letters, digits, '.', '_' or '-')")
+        return v
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _scale(cls, v: Any) -> Any:
+        v = _no_bool(v)
+        if isinstance(v, (int, float)) and not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+
+def parse_loras(value: Any) -> tuple[LoraRef, ...]:
+    """A request's `lora` value, in any of the forms people send, -> adapters sorted by name.
+
+    Accepted: a list of `{"name", "scale"}` objects (the API's and a Parquet list<struct>
+    column's form; `scale` defaults to 1.0), one such object, its JSON text (a CSV cell, a form
+    field), or `name[:scale]` items joined by commas (`pixel-art:0.8,film-grain`). None, "" and
+    [] mean no adapter. Raises ValueError saying what is wrong; an adapter named twice is an error.
+    """
+    if value is None or (isinstance(value, float) and value != value):
+        return ()
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return ()
+        if text[0] in "[{":
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"is not valid JSON: {exc}") from None
+        else:
+            value = [item.strip() for item in text.split(",")]
+    if isinstance(value, Mapping):
+        value = [value]
+    if not isinstance(value, (list, tuple)) and not (hasattr(value, "tolist") and not isinstance(value, str)):
+        raise ValueError('must be a list of {"name": ..., "scale": ...} objects')
+    refs = []
+    for k, item in enumerate(list(value)):
+        if isinstance(item, str):
+            # A path or URL is refused as a whole (as a name), not cut at its colon.
+            if "/" in item or "\\" in item or ":" not in item:
+                name, scale = item.strip(), None
+            else:
+                name, _, scale = (part.strip() for part in item.rpartition(":"))
+                if not _is_number(scale):
+                    raise ValueError(f"entry {k + 1} ({name!r}): scale {scale!r} is not a number")
+            item = {"name": name, **({"scale": scale} if scale is not None else {})}
+        if not isinstance(item, Mapping):
+            raise ValueError(
+                f'entry {k + 1}: expected {{"name": ..., "scale": ...}}, got {type(item).__name__}'
+            )
+        try:
+            values = {key: _unwrap(v) for key, v in item.items()}
+            refs.append(LoraRef.model_validate(values))
+        except ValidationError as exc:
+            problem = RequestError.from_validation(exc)
+            raise ValueError(f"entry {k + 1}: {problem}") from None
+    names = [r.name for r in refs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"adapter {twice[0]!r} is named twice; give each adapter once, with one scale")
+    return tuple(sorted(refs, key=lambda r: r.name))
+
+
+def lora_text(refs: tuple[LoraRef, ...]) -> str | None:
+    """A request's adapters as one JSON text (table and manifest cells, stage columns), or None."""
+    if not refs:
+        return None
+    return json.dumps([{"name": r.name, "scale": r.scale} for r in refs])
+
+
+def lora_key(refs: tuple[LoraRef, ...]) -> str:
+    """The adapter set of `refs` by name (no scales), e.g. "film-grain+pixel-art": the Serve
+    multiplexed model id that routes a request to a replica holding its adapters; "" for none."""
+    return "+".join(r.name for r in refs)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 class GenerationRequest(BaseModel):
     """A fully specified request: identity, texts, seed and sampling parameters."""
 
@@ -224,6 +336,11 @@ class GenerationRequest(BaseModel):
         validate_default=True,
         description="reference image to start from (image-to-video): a path or URL, or a data: URL "
         "(default: none, text to video)",
+    )
+    lora: tuple[LoraRef, ...] = Field(
+        default=(),
+        description="LoRA adapters to apply, named as in the config's `loras:` catalog: "
+        '[{"name": ..., "scale": ...}] or name[:scale],... (default: none)',
     )
     sampling: SamplingParams
 
@@ -277,6 +394,26 @@ class GenerationRequest(BaseModel):
             raise ValueError("must not contain NUL characters")
         return v
 
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _parse_lora(cls, v: Any) -> Any:
+        return parse_loras(v)
+
+    @field_validator("lora")
+    @classmethod
+    def _lora(cls, v: tuple[LoraRef, ...], info: ValidationInfo) -> tuple[LoraRef, ...]:
+        limits = _limits(info)
+        unknown = [r.name for r in v if r.name not in limits.lora_names]
+        if unknown:
+            known = ", ".join(sorted(limits.lora_names))
+            raise ValueError(
+                f"unknown adapter {unknown[0]!r}; "
+                + (f"this deployment serves: {known}" if known else "this deployment serves no LoRA adapters")
+            )
+        if len(v) > limits.max_loras:
+            raise ValueError(f"{len(v)} adapters; a request may combine at most {limits.max_loras}")
+        return v
+
     def row(self) -> dict[str, Any]:
         """The request as one flat row: `REQUEST_COLUMNS` -> plain values."""
         return {
@@ -285,6 +422,7 @@ class GenerationRequest(BaseModel):
             "negative_prompt": self.negative_prompt,
             "seed": self.seed,
             "image": self.image,
+            "lora": lora_text(self.lora),
             **self.sampling.model_dump(),
         }
 
@@ -296,10 +434,11 @@ class GenerationRequest(BaseModel):
         column's missing values back as NaN.
         """
         top = {k: _plain(row.get(k)) for k in TOP_FIELDS}
+        top["lora"] = parse_loras(top["lora"])
         return cls.model_construct(**top, sampling=SamplingParams.from_row(row))
 
 
-TOP_FIELDS = ("id", "prompt", "negative_prompt", "seed", "image")
+TOP_FIELDS = ("id", "prompt", "negative_prompt", "seed", "image", "lora")
 SAMPLING_FIELDS = tuple(SamplingParams.model_fields)
 # A request as one flat row: table columns, stage columns, manifest columns, API fields.
 REQUEST_COLUMNS = (*TOP_FIELDS, *SAMPLING_FIELDS)
@@ -321,13 +460,19 @@ def field_type(info: FieldInfo) -> type:
     return str
 
 
+def is_scalar(info: FieldInfo) -> bool:
+    """Whether a request field holds one plain value (not a list, such as `lora`)."""
+    return not any(get_origin(t) in (tuple, list) for t in (info.annotation, *get_args(info.annotation)))
+
+
 def partial_model(
     name: str, fields: Mapping[str, FieldInfo], doc: str, base: type[BaseModel] | None = None
 ) -> type[BaseModel]:
     """A model of `fields`, each optional (None = not given), that rejects unknown keys; with
     `base`, its fields come first and its config applies."""
     spec: dict[str, Any] = {
-        k: (field_type(f) | None, Field(default=None, description=f.description)) for k, f in fields.items()
+        k: (field_type(f) | None if is_scalar(f) else Any, Field(default=None, description=f.description))
+        for k, f in fields.items()
     }
     if base is not None:
         return create_model(name, __base__=base, __doc__=doc, **spec)
@@ -452,13 +597,20 @@ class RequestBuilder:
         content.update(prompt=req.prompt, negative_prompt=req.negative_prompt, model=self.model)
         if req.image is not None:  # left out otherwise: text-to-video digests stay as they were
             content["image"] = req.image
+        if req.lora:  # likewise: requests without adapters keep their digests
+            content["lora"] = [[r.name, r.scale] for r in req.lora]
         if with_seed:
             content["seed"] = req.seed
         return hashlib.sha256(_canonical(content).encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def _unwrap(v: Any) -> Any:
+    # numpy scalars (as Arrow and Ray Data hand cells over) -> Python values
+    return v.item() if hasattr(v, "item") and not isinstance(v, (str, bytes)) else v
+
+
 def _plain(v: Any) -> Any:
-    v = v.item() if hasattr(v, "item") and not isinstance(v, (str, bytes)) else v
+    v = _unwrap(v)
     return None if isinstance(v, float) and v != v else v
 
 

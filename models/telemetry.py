@@ -60,6 +60,24 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
         None,
     ),
     "kinoray_latents_resumed_total": ("counter", "Rows decoded from latents an earlier run saved", (), None),
+    "kinoray_lora_loads_total": (
+        "counter",
+        "LoRA adapters loaded by a stage replica (the denoiser; the encoder for FLUX.1 and SD3)",
+        ("lora", "stage"),
+        None,
+    ),
+    "kinoray_lora_evictions_total": (
+        "counter",
+        "LoRA adapters a stage replica unloaded to make room (least recently used)",
+        ("lora", "stage"),
+        None,
+    ),
+    "kinoray_lora_hits_total": (
+        "counter",
+        "Stage calls that found their LoRA adapter loaded already",
+        ("lora", "stage"),
+        None,
+    ),
 }
 
 _lock = threading.Lock()

@@ -100,12 +100,13 @@ def _variant_folder(preset: Preset) -> Path:
         index = json.loads((tmp / "model_index.json").read_text())
         (tmp / "model_index.json").write_text(json.dumps({**index, **preset.model_index}, indent=2))
 
-    return _write_folder(dest, write)
+    return write_folder(dest, write)
 
 
-def _write_folder(dest: Path, write: Callable[[Path], None]) -> Path:
+def write_folder(dest: Path, write: Callable[[Path], None], marker: str = "model_index.json") -> Path:
     """`dest`, filled by `write` in a temporary folder beside it and renamed into place:
-    concurrent builders never see half a model, and the first to finish wins."""
+    concurrent builders never see half a model (or adapter: `marker` is the file that shows a
+    complete one), and the first to finish wins."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
@@ -113,7 +114,7 @@ def _write_folder(dest: Path, write: Callable[[Path], None]) -> Path:
         try:
             os.rename(tmp, dest)
         except OSError:
-            if not (dest / "model_index.json").exists():
+            if not (dest / marker).exists():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -157,7 +158,7 @@ def build(name: str, dest: Path) -> Path:
         declared = {"defaults": spec.defaults, "limits": spec.limits}
         (tmp / DEFAULTS_FILE).write_text(json.dumps(declared, indent=2))
 
-    return _write_folder(dest, write)
+    return write_folder(dest, write)
 
 
 def ensure(name: str) -> Path:

@@ -224,12 +224,12 @@ def build_dataset(
     spec = config.model.model_dump()
     ds = ds.map_batches(
         TextEncoder,
-        fn_constructor_kwargs={"model": spec, "image_policy": config.images.model_dump()},
+        fn_constructor_kwargs={"model": spec, **config.encode_options()},
         **_pool(config.encoder),
     )
     ds = ds.map_batches(
         Denoiser,
-        fn_constructor_kwargs={"model": spec, "max_batch_size": config.denoiser.batch_size},
+        fn_constructor_kwargs={"model": spec, **config.denoise_options()},
         **_pool(config.denoiser),
     )
     if resume_latents:

@@ -88,7 +88,8 @@ def _storable(text: str) -> bool:
 
 
 def sampling_order(table: pa.Table) -> pa.Table:
-    """Rows of equal sampling parameters next to each other (then by position): shape buckets
-    within a block, so the denoiser's batches stay full while the table streams."""
-    keys = [(name, "ascending") for name in SAMPLING_FIELDS if table[name].null_count < table.num_rows]
+    """Rows of equal sampling parameters and adapter set next to each other (then by position):
+    buckets within a block, so the denoiser's batches stay full while the table streams."""
+    names = (*SAMPLING_FIELDS, "lora")
+    keys = [(name, "ascending") for name in names if table[name].null_count < table.num_rows]
     return table.sort_by([*keys, (FILE_INDEX, "ascending"), ("row", "ascending")])

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import json
 import os
+import warnings
 from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -15,6 +16,7 @@ import numpy as np
 from kinoray.models.request import (
     GenerationRequest,
     LimitOverrides,
+    LoraRef,
     RequestDefaults,
     RequestLimits,
     SamplingParams,
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     import torch
 
     from kinoray.models.decode_plan import DecodePlan
+    from kinoray.models.loras import LoraSource
 
 StageName = Literal["encode", "denoise", "decode"]
 StepCallback = Callable[[int, int, int], None]  # (steps done, total steps, rows in the step)
@@ -340,6 +343,96 @@ class FamilyAdapter:
                 )
             if self.spec.compile:
                 model.compile()
+
+    # -- LoRA adapters (see kinoray.models.loras) ---------------------------------------------
+
+    @functools.cached_property
+    def text_encoder_loras(self) -> tuple[str, ...]:
+        """The text encoders diffusers' LoRA loader of this family adapts (FLUX.1: `text_encoder`;
+        SD3: both CLIPs); none for families whose adapters touch the transformer only."""
+        import diffusers
+
+        modules = getattr(getattr(diffusers, self.pipeline_class), "_lora_loadable_modules", [])
+        return tuple(m for m in modules if m.startswith("text_encoder"))
+
+    def load_lora(self, name: str, source: LoraSource) -> bool:
+        """Load catalog adapter `name`'s weights for this stage's components, inactive until
+        `set_loras` names it. The denoiser loads the transformer's (both experts' with
+        `weights_2`), the encoder the text encoders' (`text_encoder_loras`). Returns whether the
+        adapter has weights for this stage. diffusers reads the file, in any format it knows."""
+        from kinoray.models.loras import lora_location
+
+        with warnings.catch_warnings():
+            # peft warns of a second adapter in one model: holding several is what the LRU is for.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            where, kwargs = lora_location(source, self.spec)
+            if not self.text_encoder_loras:  # transformer-only adapters: as diffusers loads them
+                if self.stage == "encode":
+                    return False
+                self.pipe.load_lora_weights(where, adapter_name=name, **kwargs)
+                if source.weights_2 is not None:
+                    where, kwargs = lora_location(source, self.spec, second=True)
+                    self.pipe.load_lora_weights(
+                        where, adapter_name=name, load_into_transformer_2=True, **kwargs
+                    )
+                return True
+            return self._load_lora_parts(name, where, kwargs)
+
+    def _load_lora_parts(self, name: str, where: str, kwargs: dict[str, Any]) -> bool:
+        # The family's `load_lora_weights` loads every component at once, and this stage holds
+        # only some: each part goes through the loader's own per-component functions instead.
+        import inspect
+
+        pipe = self.pipe
+        wants_alphas = "return_alphas" in inspect.signature(pipe.lora_state_dict).parameters
+        out = pipe.lora_state_dict(
+            where, return_lora_metadata=True, **({"return_alphas": True} if wants_alphas else {}), **kwargs
+        )
+        state_dict, alphas, metadata = out if len(out) == 3 else (out[0], None, out[1])
+        if self.stage == "encode":
+            loaded = False
+            for component in self.text_encoder_loras:
+                module = getattr(pipe, component, None)
+                if module is not None and any(k.startswith(f"{component}.") for k in state_dict):
+                    pipe.load_lora_into_text_encoder(
+                        state_dict,
+                        network_alphas=alphas,
+                        text_encoder=module,
+                        prefix=component,
+                        adapter_name=name,
+                        metadata=metadata,
+                        _pipeline=pipe,
+                    )
+                    loaded = True
+            return loaded
+        if not any(k.startswith(f"{c}.") for k in state_dict for c in self.text_encoder_loras):
+            pipe.load_lora_weights(where, adapter_name=name, **kwargs)  # as diffusers loads it
+            return True
+        part = {k: v for k, v in state_dict.items() if k.startswith("transformer.")}
+        if not part:
+            return False
+        load = pipe.load_lora_into_transformer
+        extra = {"network_alphas": alphas} if "network_alphas" in inspect.signature(load).parameters else {}
+        load(
+            part, transformer=pipe.transformer, adapter_name=name, metadata=metadata, _pipeline=pipe, **extra
+        )
+        return True
+
+    def delete_lora(self, name: str) -> None:
+        """Remove adapter `name` from the model (nothing when it is not there)."""
+        held = {n for names in self.pipe.get_list_adapters().values() for n in names}
+        if name in held:
+            self.pipe.delete_adapters([name])
+
+    def set_loras(self, refs: Sequence[LoraRef]) -> None:
+        """Make `refs` the active adapters at their scales (`set_adapters`); none: the base model."""
+        if not self.pipe.get_list_adapters():
+            return
+        if not refs:
+            self.pipe.disable_lora()
+            return
+        self.pipe.enable_lora()
+        self.pipe.set_adapters([r.name for r in refs], adapter_weights=[r.scale for r in refs])
 
     # -- the three stages -------------------------------------------------------------------------
 

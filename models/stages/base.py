@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from kinoray.models import telemetry
+from kinoray.models.request import LoraRef, parse_loras
 
 Batch = dict[str, np.ndarray]
 ERROR_COLUMNS = ("error", "error_stage", "error_reason")
@@ -74,6 +75,12 @@ def reference_image(batch: Batch, i: int) -> str | None:
     None or as NaN."""
     value = scalar(batch["image"][i]) if "image" in batch else None
     return value if isinstance(value, str) and value else None
+
+
+def loras_of(batch: Batch, i: int) -> tuple[LoraRef, ...]:
+    """Row `i`'s LoRA adapters (validated upstream; the `lora` column holds their JSON text),
+    sorted by name; () without the column or for a row without adapters."""
+    return parse_loras(scalar(batch["lora"][i])) if "lora" in batch else ()
 
 
 def column(values: Sequence[Any]) -> np.ndarray:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Hashable
-from typing import Any
+from collections.abc import Callable, Collection, Hashable, Mapping
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from kinoray.models import telemetry
-from kinoray.models.request import SAMPLING_FIELDS, SamplingParams
-from kinoray.models.stages.base import Batch, ModelStage, RowError, reference_image
+from kinoray.models.loras import LoraCache, LoraError, check_catalog
+from kinoray.models.request import SAMPLING_FIELDS, LoraRef, SamplingParams
+from kinoray.models.stages.base import Batch, ModelStage, RowError, loras_of, reference_image
 
 # (ids of the rows the step computed, steps done, total steps)
 ProgressCallback = Callable[[list[str], int, int], None]
@@ -22,19 +23,38 @@ def sampling_of(batch: Batch, i: int) -> SamplingParams:
     return SamplingParams.from_row({name: batch[name][i] for name in SAMPLING_FIELDS})
 
 
-class Denoiser(ModelStage):
-    """Conditioning + `seed` + sampling parameters -> `latents` (float32, what the VAE decodes).
+class DenoiseGroup(NamedTuple):
+    """What rows must share to be denoised in one call."""
 
-    Rows with equal `SamplingParams` are denoised together, up to `max_batch_size` per call (rows
-    with a reference image apart from those without); each row's noise comes from its own seed,
-    so a row's result does not depend on its batch.
+    sampling: SamplingParams
+    with_image: bool  # rows with a reference image apart from rows without
+    lora: tuple[LoraRef, ...]  # one adapter set, at one set of scales
+
+
+class Denoiser(ModelStage):
+    """Conditioning + `seed` + sampling parameters (+ `lora`) -> `latents` (float32, what the
+    VAE decodes).
+
+    Rows of one `DenoiseGroup` are denoised together, up to `max_batch_size` per call; each
+    row's noise comes from its own seed, so a row's result does not depend on its batch.
+    `loras` is the deployment's adapter catalog (name -> `LoraSource` or its dict); the last
+    `max_loras` adapters used stay loaded (`LoraCache`).
     """
 
     name = "denoise"
 
-    def __init__(self, model: Any = None, *, adapter: Any = None, max_batch_size: int | None = None):
+    def __init__(
+        self,
+        model: Any = None,
+        *,
+        adapter: Any = None,
+        max_batch_size: int | None = None,
+        loras: Mapping[str, Any] | None = None,
+        max_loras: int = 4,
+    ):
         super().__init__(model, adapter=adapter, max_batch_size=max_batch_size)
         self.batch_sizes: list[int] = []
+        self.loras = LoraCache(self.adapter, check_catalog(loras or {}), max_loras)
 
     def conditioning_columns(self) -> list[str]:
         names = list(self.adapter.conditioning)
@@ -53,10 +73,8 @@ class Denoiser(ModelStage):
         return tuple(self.conditioning_columns())
 
     def group_key(self, batch: Batch, i: int) -> Hashable:
-        sampling = sampling_of(batch, i)
-        if not self.adapter.image_conditioning:
-            return sampling
-        return sampling, reference_image(batch, i) is not None  # rows with an image: their own call
+        with_image = bool(self.adapter.image_conditioning) and reference_image(batch, i) is not None
+        return DenoiseGroup(sampling_of(batch, i), with_image, loras_of(batch, i))
 
     def output_dtypes(self) -> dict[str, np.dtype]:
         return {"latents": np.dtype(np.float32)}
@@ -72,8 +90,8 @@ class Denoiser(ModelStage):
     ) -> dict[str, list[Any]]:
         """Denoise one group. Rows named by `cancelled` stop at the next step (see
         `FamilyAdapter.denoise`) and come out as `RowError("cancelled")`."""
-        sampling, with_image = key if isinstance(key, tuple) else (key, False)
-        assert isinstance(sampling, SamplingParams)
+        assert isinstance(key, DenoiseGroup)
+        sampling, with_image, lora = key
         ids = [str(batch["id"][i]) for i in rows]
         stopped: set[str] = set()
 
@@ -95,9 +113,17 @@ class Denoiser(ModelStage):
         ]
         conditioning = {c: np.stack([batch[c][i] for i in rows]) for c in columns}
         seeds = [int(batch["seed"][i]) for i in rows]
-        latents = self.adapter.denoise(
-            conditioning, seeds, sampling, on_step=step, cancelled=cancelled_rows if cancelled else None
-        )
+        try:
+            with self.loras.applied(lora):
+                latents = self.adapter.denoise(
+                    conditioning,
+                    seeds,
+                    sampling,
+                    on_step=step,
+                    cancelled=cancelled_rows if cancelled else None,
+                )
+        except LoraError as exc:
+            raise RowError("lora_unavailable", str(exc)) from None
         self.batch_sizes.append(len(rows))
         return {
             "latents": [

@@ -4,13 +4,15 @@ LRU cache of texts."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from kinoray.models.images import ImageError, ImagePolicy, fit_image, load_image
-from kinoray.models.stages.base import Batch, ModelStage, RowError, reference_image, scalar
+from kinoray.models.loras import LoraCache, LoraError, check_catalog
+from kinoray.models.request import LoraRef, lora_text
+from kinoray.models.stages.base import Batch, ModelStage, RowError, loras_of, reference_image, scalar
 from kinoray.models.stages.denoiser import sampling_of
 
 
@@ -23,6 +25,10 @@ class TextEncoder(ModelStage):
     A job's negative prompt (usually one text for all rows) and any repeated prompt are encoded
     once: the last `cache_size` texts' embeddings are kept. `image_policy` (an `ImagePolicy` or
     its dict) bounds the images read.
+
+    In families whose LoRA adapters may adapt the text encoder (FLUX.1, SD3), rows are encoded
+    under their adapters (`loras`, the catalog; an LRU of `max_loras`), grouped by adapter set;
+    an adapter without text-encoder weights leaves the embeddings as they are.
     """
 
     name = "encode"
@@ -34,12 +40,17 @@ class TextEncoder(ModelStage):
         adapter: Any = None,
         cache_size: int = 1024,
         image_policy: ImagePolicy | dict[str, Any] | None = None,
+        loras: Mapping[str, Any] | None = None,
+        max_loras: int = 4,
     ):
         super().__init__(model, adapter=adapter)
         self.cache_size = cache_size
-        self._cache: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+        # (text, the JSON of the adapters it was encoded under) -> its arrays
+        self._cache: OrderedDict[tuple[str, str | None], dict[str, np.ndarray]] = OrderedDict()
         self.cache_hits = 0
         self.image_policy = ImagePolicy.model_validate(image_policy or {})
+        adapts = bool(loras) and bool(getattr(self.adapter, "text_encoder_loras", ()))
+        self.loras = LoraCache(self.adapter, check_catalog(loras or {}), max_loras) if adapts else None
 
     def input_columns(self) -> dict[str, str]:
         cols = {"prompt": "text to generate", "negative_prompt": "text to steer away from"}
@@ -71,18 +82,29 @@ class TextEncoder(ModelStage):
             },
         }
 
-    def embed(self, texts: Sequence[str]) -> list[dict[str, np.ndarray]]:
-        """Each text's conditioning arrays (one row of each), from the cache where possible."""
-        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+    def group_key(self, batch: Batch, i: int) -> Hashable:
+        return loras_of(batch, i) if self.loras is not None else None
+
+    def embed(self, texts: Sequence[str], lora: tuple[LoraRef, ...] = ()) -> list[dict[str, np.ndarray]]:
+        """Each text's conditioning arrays (one row of each), from the cache where possible;
+        `lora`: the adapters active in the text encoder while it encodes them. Raises LoraError
+        for an adapter that cannot be loaded."""
+        if self.loras is None:
+            return self._embed(texts, None)
+        with self.loras.applied(lora) as effective:
+            return self._embed(texts, lora_text(effective))
+
+    def _embed(self, texts: Sequence[str], tag: str | None) -> list[dict[str, np.ndarray]]:
+        missing = list(dict.fromkeys(t for t in texts if (t, tag) not in self._cache))
         self.cache_hits += len(texts) - len(missing)
         if missing:
             encoded = self.adapter.encode(missing)
             for k, text in enumerate(missing):
-                self._cache[text] = {name: arr[k] for name, arr in encoded.items()}
+                self._cache[(text, tag)] = {name: arr[k] for name, arr in encoded.items()}
         out = []
         for t in texts:
-            self._cache.move_to_end(t)
-            out.append(self._cache[t])
+            self._cache.move_to_end((t, tag))
+            out.append(self._cache[(t, tag)])
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return out
@@ -90,7 +112,10 @@ class TextEncoder(ModelStage):
     def compute(self, batch: Batch, rows: list[int], key: Hashable, **kwargs: Any) -> dict[str, list[Any]]:
         prompts = [str(batch["prompt"][i]) for i in rows]
         negatives = [str(batch["negative_prompt"][i]) for i in rows]
-        embeds = self.embed(prompts + negatives)
+        try:
+            embeds = self.embed(prompts + negatives, key if isinstance(key, tuple) else ())
+        except LoraError as exc:
+            raise RowError("lora_unavailable", str(exc)) from None
         out: dict[str, list[Any]] = {}
         for name in self.adapter.conditioning:
             out[name] = [e[name] for e in embeds[: len(rows)]]

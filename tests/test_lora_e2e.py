@@ -1,0 +1,193 @@
+"""LoRA adapters end to end: a bulk table with a `lora` column (Parquet list<struct> as pandas
+writes it, CSV text), and the Videos API with two denoiser replicas that hold one adapter each,
+where Serve's model multiplexing sends every request to the replica holding its adapter."""
+
+import json
+import time
+
+import pandas as pd
+import pytest
+import requests
+from helpers import SAME_VIDEO_DB, decoded, free_port, psnr
+
+from kinoray.models.config import KinorayConfig
+from kinoray.models.local import LocalPipeline
+from kinoray.pipelines import manifest
+from kinoray.pipelines.job import run_job
+
+pytestmark = pytest.mark.integration
+
+RAY_METRICS_PORT = free_port()
+RAY_INIT = {"_metrics_export_port": RAY_METRICS_PORT}
+RAY_ENV = {"RAY_metrics_report_interval_ms": "1000"}
+CATALOG = {"pastel": "tiny-lora-1", "neon": "tiny-lora-2"}
+SMALL = {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 2}
+
+
+def test_a_bulk_table_with_a_lora_column(ray_session, tmp_path):
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    # Parquet as pandas writes a column of lists of structs.
+    pd.DataFrame(
+        [
+            {"id": "plain", "prompt": "a fox", "seed": 1, "lora": None, **SMALL},
+            {
+                "id": "pastel",
+                "prompt": "a fox",
+                "seed": 1,
+                "lora": [{"name": "pastel", "scale": 1.0}],
+                **SMALL,
+            },
+            {"id": "half", "prompt": "a fox", "seed": 1, "lora": [{"name": "pastel", "scale": 0.5}], **SMALL},
+            {
+                "id": "unknown",
+                "prompt": "a fox",
+                "seed": 1,
+                "lora": [{"name": "sepia", "scale": 1.0}],
+                **SMALL,
+            },
+        ]
+    ).to_parquet(tables / "a.parquet")
+    # CSV cells: the short form and JSON text.
+    pd.DataFrame(
+        [
+            {"id": "neon", "prompt": "a fox", "seed": 1, "lora": "neon", **SMALL},
+            {
+                "id": "both",
+                "prompt": "a fox",
+                "seed": 1,
+                "lora": '[{"name": "neon"}, {"name": "pastel"}]',
+                **SMALL,
+            },
+            {"id": "path", "prompt": "a fox", "seed": 1, "lora": "/etc/passwd", **SMALL},
+            {"id": "none", "prompt": "a cat", "seed": 2, "lora": "", **SMALL},
+        ]
+    ).to_csv(tables / "b.csv", index=False)
+    config = KinorayConfig.model_validate({"loras": CATALOG})
+    out = str(tmp_path / "out")
+    summary = run_job(str(tables), out, config, progress=False)
+    assert (summary.ok, summary.failed) == (6, 2)
+    recorded = {r["id"]: r for r in manifest.read(out).to_pylist()}
+    for rid in ("unknown", "path"):
+        assert recorded[rid]["status"] == "failed" and recorded[rid]["error"].startswith("lora: ")
+    assert "unknown adapter 'sepia'" in recorded["unknown"]["error"]
+    assert "looks like a path" in recorded["path"]["error"]
+    # The manifest records each row's adapters with their scales.
+    assert json.loads(recorded["half"]["lora"]) == [{"name": "pastel", "scale": 0.5}]
+    assert json.loads(recorded["both"]["lora"]) == [
+        {"name": "neon", "scale": 1.0},
+        {"name": "pastel", "scale": 1.0},
+    ]
+    assert recorded["plain"]["lora"] is None and recorded["none"]["lora"] is None
+    # Each video is the in-process stages' video for its adapters.
+    local = LocalPipeline(config)
+    for rid in ("plain", "pastel", "half", "neon", "both"):
+        want = local.run(
+            [local.request(**{k: recorded[rid][k] for k in ("id", "prompt", "seed", "lora")}, **SMALL)]
+        )
+        video = decoded((tmp_path / "out" / "videos" / f"{rid}.mp4").read_bytes())
+        assert psnr(video, want["frames"][0]) > SAME_VIDEO_DB, rid
+    videos = {
+        rid: (tmp_path / "out" / "videos" / f"{rid}.mp4").read_bytes() for rid in ("plain", "pastel", "half")
+    }
+    assert len(set(videos.values())) == 3
+    # A rerun skips every row that succeeded: the adapters are part of each row's identity.
+    again = run_job(str(tables), out, config, progress=False)
+    assert again.skipped == 6
+
+
+STORE = []
+
+
+@pytest.fixture(scope="module")
+def client(serve_base, tmp_path_factory):
+    import openai
+    from ray import serve
+
+    from kinoray.deployments.app import build
+
+    store = tmp_path_factory.mktemp("store")
+    STORE.append(store)
+    config = KinorayConfig.model_validate(
+        {
+            "loras": CATALOG,
+            "defaults": SMALL,
+            "serve": {"storage": str(store)},
+            "denoiser": {"min_replicas": 2, "max_replicas": 2, "max_loras": 1, "num_cpus": 0.5},
+        }
+    )
+    serve.run(build(config), name="lora", route_prefix="/lora")
+    yield openai.OpenAI(base_url=f"{serve_base}/lora/v1", api_key="x", max_retries=0)
+    serve.delete("lora")
+
+
+def wait(client, video):
+    deadline = time.time() + 120
+    while video.status not in ("completed", "failed") and time.time() < deadline:
+        time.sleep(0.1)
+        video = client.videos.retrieve(video.id)
+    return video
+
+
+def loads(**labels):
+    """kinoray_lora_loads_total summed over Ray's workers, from Ray's metrics endpoint."""
+    text = requests.get(f"http://127.0.0.1:{RAY_METRICS_PORT}/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("ray_kinoray_lora_loads_total{")
+        and all(f'{k}="{v}"' in line for k, v in labels.items())
+    )
+
+
+def settled(**labels):
+    """The counter once every worker has reported (they report every second here)."""
+    last, value = -1.0, loads(**labels)
+    while value != last:
+        time.sleep(2.5)
+        last, value = value, loads(**labels)
+    return value
+
+
+def test_requests_go_to_the_replica_that_holds_their_adapter(client):
+    before = {name: settled(stage="denoise", lora=name) for name in CATALOG}  # earlier tests' loads
+    replicas = {}
+    for k, name in enumerate(["pastel", "neon"] * 3):
+        video = client.videos.create(
+            prompt="a fox", extra_body={"seed": k, "lora": [{"name": name, "scale": 0.8}]}
+        )
+        video = wait(client, video)
+        assert video.status == "completed", video.error
+        assert video.model_extra["lora"] == [{"name": name, "scale": 0.8}]
+        record = json.loads((STORE[0] / "jobs" / f"{video.id}.json").read_text())
+        replicas.setdefault(name, []).append(record["denoised_by"])
+    # Each adapter stayed on one replica, and they are two replicas: with room for one adapter
+    # each, any other routing would have evicted one and loaded it again.
+    assert len(set(replicas["pastel"])) == 1 and len(set(replicas["neon"])) == 1, replicas
+    assert replicas["pastel"][0] != replicas["neon"][0]
+    # One load per adapter, on its replica; every later request found its adapter loaded.
+    assert {name: settled(stage="denoise", lora=name) - before[name] for name in CATALOG} == {
+        "pastel": 1,
+        "neon": 1,
+    }
+
+
+def test_an_unknown_or_path_like_adapter_is_a_400_naming_lora(client):
+    base = str(client.base_url).rstrip("/")
+    for value, words in [
+        ([{"name": "sepia"}], "unknown adapter 'sepia'"),
+        ([{"name": "../../etc/passwd"}], "looks like a path"),
+        ("hf://someone/lora", "looks like a path"),
+        ([{"name": "pastel", "scale": "loud"}], "scale"),
+    ]:
+        res = requests.post(f"{base}/videos", json={"prompt": "a fox", "lora": value})
+        assert res.status_code == 400, res.text
+        error = res.json()["error"]
+        assert error["param"] == "lora" and words in error["message"], error
+    # The same list in a multipart form, as the openai client sends `extra_body` with a file.
+    res = requests.post(
+        f"{base}/videos",
+        files={"prompt": (None, "a fox"), "lora[][name]": (None, "pastel"), "lora[][scale]": (None, "0.5")},
+    )
+    assert res.status_code == 200, res.text
+    assert res.json()["lora"] == [{"name": "pastel", "scale": 0.5}]
