@@ -35,7 +35,7 @@ test: install
 
 # The lane without Ray: request contract, stages, families, tables, API parsing (~1 minute).
 test-fast: install
-	$(BIN)/python -m pytest -q -ra -m "not integration"
+	$(BIN)/python -m pytest -q -ra -m "not integration and not slow"
 
 serve: install
 	$(BIN)/kinoray serve --config examples/serve.yaml

@@ -66,6 +66,12 @@ class DenoiserConfig(StageConfig):
         description="LoRA adapters a replica keeps loaded, least recently used evicted first "
         "(also the most one request may combine)",
     )
+    max_lora_rank: int = Field(
+        default=64,
+        ge=1,
+        description="with model.compile: the highest rank of the catalog's adapters; adapters "
+        "are padded to it, so one can be swapped for another without recompiling",
+    )
 
 
 class DecoderConfig(StageConfig):
@@ -317,6 +323,7 @@ class KinorayConfig(BaseModel):
             "max_batch_size": self.denoiser.batch_size,
             "loras": self._catalog_dicts(),
             "max_loras": self.denoiser.max_loras,
+            "max_lora_rank": self.denoiser.max_lora_rank,
         }
 
     def _catalog_dicts(self) -> dict[str, dict[str, Any]]:

@@ -154,7 +154,7 @@ class LoraError(Exception):
 
 
 class LoraCache:
-    """The adapters one denoiser holds, least recently used first, at most `capacity`.
+    """The adapters one stage holds, least recently used first, at most `capacity`.
 
     `applied(refs)` makes exactly `refs` (at their scales) the active adapters of the
     adapter's pipeline for the duration of a `with` block, loading those not held and evicting
@@ -162,20 +162,35 @@ class LoraCache:
     block at a time: a load changes the transformer's modules, which no running call may see.
     Loads, hits and evictions are counted per adapter name (`kinoray_lora_*_total`, and
     `stats()`).
+
+    With `hotswap` (a compiled transformer), adapters live in `capacity` fixed slots (`slot0`,
+    ...): a new adapter replaces the evicted one's weights in place (diffusers' hot swap), every
+    loaded slot stays active, and those a call does not use are set to scale 0 rather than
+    disabled. The compiled graph then changes only while slots fill up, never as adapters or
+    scales change.
     """
 
-    def __init__(self, adapter: FamilyAdapter, catalog: Mapping[str, LoraSource], capacity: int):
+    def __init__(
+        self,
+        adapter: FamilyAdapter,
+        catalog: Mapping[str, LoraSource],
+        capacity: int,
+        hotswap: bool = False,
+    ):
         self.adapter = adapter
         self.catalog = dict(catalog)
         self.capacity = capacity
-        # name -> whether it has weights for this stage (an encoder holds transformer-only
-        # adapters as nothing: it remembers that it need not read them again)
-        self.held: OrderedDict[str, bool] = OrderedDict()
+        self.hotswap = hotswap
+        # catalog name -> its name inside the model (the catalog name, or its slot), or None
+        # when it has no weights for this stage (an encoder remembers a transformer-only
+        # adapter as nothing, so as not to read it again)
+        self.held: OrderedDict[str, str | None] = OrderedDict()
         self.loads: dict[str, int] = {}
         self.hits: dict[str, int] = {}
         self.evictions: dict[str, int] = {}
         self._failed: dict[str, tuple[float, str]] = {}
-        self._active: tuple[LoraRef, ...] | None = ()  # a model starts with no adapter
+        self._active: dict[str, float] | None = {}  # a model starts with no adapter
+        self._slots: list[str] = []  # hot swap: the slots loaded so far
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
@@ -186,10 +201,12 @@ class LoraCache:
         with self._lock:
             for ref in refs:
                 self._hold(ref.name, keep={r.name for r in refs})
-            effective = tuple(r for r in refs if self.held[r.name])
-            if effective != self._active:
-                self.adapter.set_loras(effective)
-                self._active = effective
+            effective = tuple(r for r in refs if self.held[r.name] is not None)
+            weights = dict.fromkeys(self._slots, 0.0) if self.hotswap else {}
+            weights.update({self.held[r.name]: r.scale for r in effective})  # type: ignore[misc]
+            if weights != self._active:
+                self.adapter.set_loras(weights)
+                self._active = weights
             yield effective
 
     def _hold(self, name: str, keep: set[str]) -> None:
@@ -201,35 +218,64 @@ class LoraCache:
         failed = self._failed.get(name)
         if failed is not None and time.monotonic() - failed[0] < FAILED_LOAD_TTL_S:
             raise LoraError(failed[1])
+        if name not in self.catalog:
+            raise LoraError(f"lora: unknown adapter {name!r}")
+        slot, swap = self._make_room(keep)
+        source = self.catalog[name]
+        try:
+            try:
+                has_weights = self.adapter.load_lora(name, source, adapter_name=slot or name, hotswap=swap)
+            except Exception:
+                if not swap:
+                    raise
+                # An adapter that adapts other layers than the slot's last one cannot be swapped
+                # in: the slot is loaded afresh (the compiled graph changes once more).
+                self.adapter.delete_lora(slot)
+                has_weights = self.adapter.load_lora(name, source, adapter_name=slot)
+        except Exception as exc:
+            self.adapter.delete_lora(slot or name)  # a half-loaded adapter must not stay in the model
+            if slot in self._slots:
+                self._slots.remove(slot)
+            message = f"lora: cannot load adapter {name!r} ({source.weights}): {type(exc).__name__}: {exc}"
+            self._failed[name] = (time.monotonic(), message)
+            self._active = None
+            raise LoraError(message) from None
+        self._failed.pop(name, None)
+        self._active = None
+        self.held[name] = (slot or name) if has_weights else None
+        if slot and has_weights and slot not in self._slots:
+            self._slots.append(slot)
+        self.loads[name] = self.loads.get(name, 0) + 1
+        telemetry.inc("kinoray_lora_loads_total", lora=name, stage=self.adapter.stage or "")
+
+    def _make_room(self, keep: set[str]) -> tuple[str | None, bool]:
+        """Evict least recently used adapters (not in `keep`) down to one free place: (the slot
+        to load into, whether it is swapped in place); no slot without hot swap."""
+        free = None
         while len(self.held) >= self.capacity:
             victim = next((n for n in self.held if n not in keep), None)
             if victim is None:
                 break
-            del self.held[victim]
-            self.adapter.delete_lora(victim)
+            where = self.held.pop(victim)
+            if self.hotswap and where is not None:
+                free = where  # the new adapter's weights replace the victim's in place
+            elif where is not None:
+                self.adapter.delete_lora(where)
             self._active = None
             self.evictions[victim] = self.evictions.get(victim, 0) + 1
             telemetry.inc("kinoray_lora_evictions_total", lora=victim, stage=self.adapter.stage or "")
-        if name not in self.catalog:
-            raise LoraError(f"lora: unknown adapter {name!r}")
-        source = self.catalog[name]
-        try:
-            has_weights = self.adapter.load_lora(name, source)
-        except Exception as exc:
-            self.adapter.delete_lora(name)  # a half-loaded adapter must not stay in the model
-            message = f"lora: cannot load adapter {name!r} ({source.weights}): {type(exc).__name__}: {exc}"
-            self._failed[name] = (time.monotonic(), message)
-            raise LoraError(message) from None
-        self._failed.pop(name, None)
-        self._active = None
-        self.held[name] = has_weights
-        self.loads[name] = self.loads.get(name, 0) + 1
-        telemetry.inc("kinoray_lora_loads_total", lora=name, stage=self.adapter.stage or "")
+        if not self.hotswap:
+            return None, False
+        if free is not None:
+            return free, True
+        used = set(self._slots)
+        return next(f"slot{k}" for k in range(self.capacity + 1) if f"slot{k}" not in used), False
 
     def stats(self) -> dict[str, Any]:
         """Held adapters (least recently used first) and loads, hits and evictions by name."""
         return {
             "held": list(self.held),
+            "slots": {name: where for name, where in self.held.items()} if self.hotswap else {},
             "loads": dict(self.loads),
             "hits": dict(self.hits),
             "evictions": dict(self.evictions),

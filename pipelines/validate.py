@@ -57,11 +57,14 @@ def validate_rows(
                 if req.image is not None:
                     row["image"] = resolve_image(req.image, files[index])
         if error is not None:
-            raw_id, prompt, image = obj.get("id"), obj.get("prompt"), obj.get("image")
+            raw_id, prompt, image, lora = (obj.get(k) for k in ("id", "prompt", "image", "lora"))
+            if lora is not None and not isinstance(lora, str):
+                lora = json.dumps(lora, default=str)  # as the table held it, for the manifest
             row.update(
                 id=raw_id if isinstance(raw_id, str) and ID_PATTERN.match(raw_id) else None,
                 prompt=prompt if isinstance(prompt, str) and _storable(prompt) else None,
                 image=image if isinstance(image, str) and _storable(image) else None,
+                lora=lora if isinstance(lora, str) and _storable(lora) else None,
                 status="failed",
                 error=error,
                 error_stage="validate",

@@ -197,3 +197,33 @@ def test_a_catalog_adapter_may_be_a_file_a_folder_or_a_tiny_one(tmp_path):
     # The same weights, however the catalog names them.
     assert np.array_equal(out["frames"][0], out["frames"][1])
     assert np.array_equal(out["frames"][0], out["frames"][2])
+
+
+@pytest.mark.slow
+def test_a_compiled_transformer_swaps_adapters_in_place_without_recompiling():
+    import torch._dynamo
+
+    compiled = LocalPipeline(
+        config("tiny-wan", model={"weights": "tiny-wan", "compile": True}, denoiser={"max_loras": 2})
+    )
+    eager = LocalPipeline(config("tiny-wan"))
+    graphs = torch._dynamo.utils.counters["stats"]
+
+    def run(local, lora):
+        out = local.run([local.request(prompt="a fox", seed=3, lora=lora, num_frames=5, **SMALL)])
+        assert out["error"][0] == ""
+        return out["frames"][0].astype(int)
+
+    # Two slots fill (pastel, neon) and the scale becomes a graph input: the warm-up.
+    warmup = ["pastel", "neon", None, "pastel:0.5"]
+    # Then inked replaces neon in its slot, neon replaces pastel, and scales change.
+    swaps = ["inked:0.8", "neon", None, "inked:0.3", "pastel"]
+    for lora in warmup:
+        assert np.abs(run(compiled, lora) - run(eager, lora)).max() <= 1, lora
+    before = graphs["unique_graphs"]
+    for lora in swaps:
+        assert np.abs(run(compiled, lora) - run(eager, lora)).max() <= 1, lora
+    assert graphs["unique_graphs"] == before  # no recompilation
+    stats = compiled.denoiser.loras.stats()
+    assert stats["loads"] == {"pastel": 2, "neon": 2, "inked": 1}
+    assert sorted(stats["slots"].values()) == ["slot0", "slot1"]

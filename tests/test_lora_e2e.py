@@ -72,6 +72,9 @@ def test_a_bulk_table_with_a_lora_column(ray_session, tmp_path):
         assert recorded[rid]["status"] == "failed" and recorded[rid]["error"].startswith("lora: ")
     assert "unknown adapter 'sepia'" in recorded["unknown"]["error"]
     assert "looks like a path" in recorded["path"]["error"]
+    # A failed row keeps what its table said.
+    assert json.loads(recorded["unknown"]["lora"]) == [{"name": "sepia", "scale": 1.0}]
+    assert recorded["path"]["lora"] == "/etc/passwd"
     # The manifest records each row's adapters with their scales.
     assert json.loads(recorded["half"]["lora"]) == [{"name": "pastel", "scale": 0.5}]
     assert json.loads(recorded["both"]["lora"]) == [

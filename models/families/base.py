@@ -8,7 +8,7 @@ import functools
 import json
 import os
 import warnings
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
@@ -16,7 +16,6 @@ import numpy as np
 from kinoray.models.request import (
     GenerationRequest,
     LimitOverrides,
-    LoraRef,
     RequestDefaults,
     RequestLimits,
     SamplingParams,
@@ -355,28 +354,42 @@ class FamilyAdapter:
         modules = getattr(getattr(diffusers, self.pipeline_class), "_lora_loadable_modules", [])
         return tuple(m for m in modules if m.startswith("text_encoder"))
 
-    def load_lora(self, name: str, source: LoraSource) -> bool:
-        """Load catalog adapter `name`'s weights for this stage's components, inactive until
-        `set_loras` names it. The denoiser loads the transformer's (both experts' with
-        `weights_2`), the encoder the text encoders' (`text_encoder_loras`). Returns whether the
-        adapter has weights for this stage. diffusers reads the file, in any format it knows."""
+    def load_lora(
+        self, name: str, source: LoraSource, adapter_name: str | None = None, hotswap: bool = False
+    ) -> bool:
+        """Load catalog adapter `name`'s weights for this stage's components under `adapter_name`
+        (default: `name`), inactive until `set_loras` names it; with `hotswap`, in place of the
+        weights that `adapter_name` holds (see `enable_lora_hotswap`). The denoiser loads the
+        transformer's (both experts' with `weights_2`), the encoder the text encoders'
+        (`text_encoder_loras`). Returns whether the adapter has weights for this stage.
+        diffusers reads the file, in any format it knows."""
         from kinoray.models.loras import lora_location
 
+        slot = adapter_name or name
         with warnings.catch_warnings():
             # peft warns of a second adapter in one model: holding several is what the LRU is for.
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             where, kwargs = lora_location(source, self.spec)
+            if hotswap:
+                kwargs["hotswap"] = True
             if not self.text_encoder_loras:  # transformer-only adapters: as diffusers loads them
                 if self.stage == "encode":
                     return False
-                self.pipe.load_lora_weights(where, adapter_name=name, **kwargs)
+                self.pipe.load_lora_weights(where, adapter_name=slot, **kwargs)
                 if source.weights_2 is not None:
                     where, kwargs = lora_location(source, self.spec, second=True)
                     self.pipe.load_lora_weights(
-                        where, adapter_name=name, load_into_transformer_2=True, **kwargs
+                        where, adapter_name=slot, load_into_transformer_2=True, hotswap=hotswap, **kwargs
                     )
                 return True
-            return self._load_lora_parts(name, where, kwargs)
+            return self._load_lora_parts(slot, where, kwargs)
+
+    def enable_lora_hotswap(self, target_rank: int) -> None:
+        """Prepare the transformer(s) for adapters swapped in place (diffusers'
+        `enable_lora_hotswap`): LoRA weights padded to `target_rank` and scales held as tensors,
+        so a compiled transformer is not recompiled when an adapter or a scale changes. Called
+        before the first adapter is loaded and before the first call."""
+        self.pipe.enable_lora_hotswap(target_rank=target_rank, check_compiled="ignore")
 
     def _load_lora_parts(self, name: str, where: str, kwargs: dict[str, Any]) -> bool:
         # The family's `load_lora_weights` loads every component at once, and this stage holds
@@ -384,6 +397,7 @@ class FamilyAdapter:
         import inspect
 
         pipe = self.pipe
+        hotswap = kwargs.pop("hotswap", False)
         wants_alphas = "return_alphas" in inspect.signature(pipe.lora_state_dict).parameters
         out = pipe.lora_state_dict(
             where, return_lora_metadata=True, **({"return_alphas": True} if wants_alphas else {}), **kwargs
@@ -402,11 +416,12 @@ class FamilyAdapter:
                         adapter_name=name,
                         metadata=metadata,
                         _pipeline=pipe,
+                        hotswap=hotswap,
                     )
                     loaded = True
             return loaded
         if not any(k.startswith(f"{c}.") for k in state_dict for c in self.text_encoder_loras):
-            pipe.load_lora_weights(where, adapter_name=name, **kwargs)  # as diffusers loads it
+            pipe.load_lora_weights(where, adapter_name=name, hotswap=hotswap, **kwargs)  # as diffusers does
             return True
         part = {k: v for k, v in state_dict.items() if k.startswith("transformer.")}
         if not part:
@@ -414,25 +429,32 @@ class FamilyAdapter:
         load = pipe.load_lora_into_transformer
         extra = {"network_alphas": alphas} if "network_alphas" in inspect.signature(load).parameters else {}
         load(
-            part, transformer=pipe.transformer, adapter_name=name, metadata=metadata, _pipeline=pipe, **extra
+            part,
+            transformer=pipe.transformer,
+            adapter_name=name,
+            metadata=metadata,
+            _pipeline=pipe,
+            hotswap=hotswap,
+            **extra,
         )
         return True
 
-    def delete_lora(self, name: str) -> None:
-        """Remove adapter `name` from the model (nothing when it is not there)."""
+    def delete_lora(self, adapter_name: str) -> None:
+        """Remove adapter `adapter_name` from the model (nothing when it is not there)."""
         held = {n for names in self.pipe.get_list_adapters().values() for n in names}
-        if name in held:
-            self.pipe.delete_adapters([name])
+        if adapter_name in held:
+            self.pipe.delete_adapters([adapter_name])
 
-    def set_loras(self, refs: Sequence[LoraRef]) -> None:
-        """Make `refs` the active adapters at their scales (`set_adapters`); none: the base model."""
+    def set_loras(self, weights: Mapping[str, float]) -> None:
+        """Make the adapters named in `weights` the active ones, each at its scale
+        (`set_adapters`); an empty mapping runs the base model."""
         if not self.pipe.get_list_adapters():
             return
-        if not refs:
+        if not weights:
             self.pipe.disable_lora()
             return
         self.pipe.enable_lora()
-        self.pipe.set_adapters([r.name for r in refs], adapter_weights=[r.scale for r in refs])
+        self.pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
 
     # -- the three stages -------------------------------------------------------------------------
 

@@ -38,7 +38,8 @@ class Denoiser(ModelStage):
     Rows of one `DenoiseGroup` are denoised together, up to `max_batch_size` per call; each
     row's noise comes from its own seed, so a row's result does not depend on its batch.
     `loras` is the deployment's adapter catalog (name -> `LoraSource` or its dict); the last
-    `max_loras` adapters used stay loaded (`LoraCache`).
+    `max_loras` adapters used stay loaded (`LoraCache`). A compiled transformer (`compile` in
+    the model spec) takes adapters by hot swap, padded to `max_lora_rank`.
     """
 
     name = "denoise"
@@ -51,10 +52,15 @@ class Denoiser(ModelStage):
         max_batch_size: int | None = None,
         loras: Mapping[str, Any] | None = None,
         max_loras: int = 4,
+        max_lora_rank: int = 64,
     ):
         super().__init__(model, adapter=adapter, max_batch_size=max_batch_size)
         self.batch_sizes: list[int] = []
-        self.loras = LoraCache(self.adapter, check_catalog(loras or {}), max_loras)
+        catalog = check_catalog(loras or {})
+        hotswap = bool(catalog) and bool(getattr(getattr(self.adapter, "spec", None), "compile", False))
+        if hotswap:
+            self.adapter.enable_lora_hotswap(max_lora_rank)
+        self.loras = LoraCache(self.adapter, catalog, max_loras, hotswap=hotswap)
 
     def conditioning_columns(self) -> list[str]:
         names = list(self.adapter.conditioning)
