@@ -210,6 +210,7 @@ def test_dashboard_queries_name_only_exported_metrics():
         "count",
         "clamp_min",
         "plan",
+        "lora",
     }
     for expr in exprs:
         names = {
