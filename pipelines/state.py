@@ -27,13 +27,14 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from kinoray.models.request import parse_loras
 from kinoray.models.video import video_tag
 from kinoray.pipelines import manifest
 
 FLUSH_S = 1.0
 FLUSH_ROWS = 20_000
 STAGES = ("encode", "denoise", "decode", "write")
-SHAPE_COLUMNS = ("width", "height", "num_frames", "num_inference_steps")
+SHAPE_COLUMNS = ("width", "height", "num_frames", "num_inference_steps", "lora")
 DECISION_COLUMNS = ("id", "request_digest", "status", "error_reason", "_file", "row", *SHAPE_COLUMNS)
 
 
@@ -299,4 +300,6 @@ class JobState:
 
 
 def _shape(row: dict[str, Any]) -> str:
-    return f"{row['width']}x{row['height']}, {row['num_frames']} frames, {row['num_inference_steps']} steps"
+    shape = f"{row['width']}x{row['height']}, {row['num_frames']} frames, {row['num_inference_steps']} steps"
+    adapters = parse_loras(row.get("lora"))
+    return shape + (", lora " + " + ".join(f"{r.name}:{r.scale:g}" for r in adapters) if adapters else "")

@@ -65,6 +65,15 @@ def test_a_bulk_table_with_a_lora_column(ray_session, tmp_path):
     ).to_csv(tables / "b.csv", index=False)
     config = KinorayConfig.model_validate({"loras": CATALOG})
     out = str(tmp_path / "out")
+    # The plan counts rows by shape and adapters: each is one bucket of denoiser batches.
+    shape = "32x32, 5 frames, 2 steps"
+    assert run_job(str(tables), out, config, progress=False, dry_run=True).shapes == {
+        shape: 2,
+        f"{shape}, lora pastel:1": 1,
+        f"{shape}, lora pastel:0.5": 1,
+        f"{shape}, lora neon:1": 1,
+        f"{shape}, lora neon:1 + pastel:1": 1,
+    }
     summary = run_job(str(tables), out, config, progress=False)
     assert (summary.ok, summary.failed) == (6, 2)
     recorded = {r["id"]: r for r in manifest.read(out).to_pylist()}
