@@ -159,7 +159,12 @@ def validate_body(model: type[BaseModel], data: dict[str, Any]) -> Any:
     false is refused for a field that is not a boolean (pydantic would read it as 1 or 0)."""
     for name, value in data.items():
         field = model.model_fields.get(name)
-        if isinstance(value, bool) and field is not None and "bool" not in str(field.annotation):
+        if (
+            isinstance(value, bool)
+            and field is not None
+            and field.annotation is not Any
+            and "bool" not in str(field.annotation)
+        ):
             raise APIError(
                 400, f"{name}: expected a number or a string, got {value}", param=name, code="invalid_value"
             )
@@ -232,6 +237,14 @@ def _non_finite_field(data: Any, path: str = "") -> str | None:
     return None
 
 
+# Form fields that take a list: repeated, each part adds to it (as a repeated CLI flag does).
+LIST_FIELDS = frozenset({"lora"})
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
 # Form fields that are files; every other part is text, even one sent as a file part.
 FILE_FIELDS = frozenset({"input_reference"})
 MAX_FORM_PARTS = 64
@@ -290,9 +303,12 @@ async def read_body(request: Request, max_bytes: int = MAX_BODY_BYTES) -> dict[s
                     ) from None
             if "[" in key and isinstance(value, str):
                 nested.append((key, value))
+            elif key in LIST_FIELDS and key in fields:  # a repeated list field: each part adds
+                fields[key] = [*_as_list(fields[key]), value]
             else:
                 fields[key] = value
-        fields.update(form_lists(nested))
+        for key, values in form_lists(nested).items():
+            fields[key] = [*_as_list(fields[key]), *values] if key in fields else values
         return fields
     raise APIError(
         415,
@@ -337,7 +353,8 @@ def form_lists(items: list[tuple[str, str]]) -> dict[str, Any]:
             if len(counts) > 1:
                 raise APIError(
                     400,
-                    f"{name}: every entry must give the same keys ({', '.join(sorted(columns))}) in a form",
+                    f"{name}: in a form, give every entry the same keys ({', '.join(sorted(columns))}), "
+                    f"or send {name} as JSON text",
                     param=name,
                     code="invalid_value",
                 )

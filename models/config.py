@@ -344,7 +344,17 @@ class KinorayConfig(BaseModel):
         limits = info.limits.tightened(self.limits).model_copy(
             update={"lora_names": frozenset(self.loras), "max_loras": self.denoiser.max_loras}
         )
-        return RequestBuilder(defaults=defaults, limits=limits, model=self.model.identity)
+        second = self.model.model_index.get("transformer_2")
+        for name, source in self.loras.items():
+            if source.weights_2 is not None and not (isinstance(second, list) and second[0]):
+                raise ConfigError(
+                    f"loras.{name}.weights_2: {self.model.weights} has one transformer; weights_2 is "
+                    "the adapter of a two-expert checkpoint's transformer_2 (Wan 2.2 A14B)"
+                )
+        sources = {name: source.identity for name, source in self.loras.items()}
+        return RequestBuilder(
+            defaults=defaults, limits=limits, model=self.model.identity, lora_sources=sources
+        )
 
 
 class ConfigError(ValueError):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import logging
 import os
 import re
 import threading
@@ -21,14 +23,17 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kinoray.models import telemetry, tiny
 from kinoray.models.request import LORA_NAME_PATTERN, LoraRef
+from kinoray.models.spec import ModelError, hub_file
 
 if TYPE_CHECKING:
     from kinoray.models.families.base import FamilyAdapter
     from kinoray.models.spec import ModelSpec
+
+log = logging.getLogger(__name__)
 
 # `tiny-lora-<seed>`: a random adapter for the served model's transformer, built offline;
 # `tiny-lora-te-<seed>` adapts the text encoders too, where the family's loader takes them.
@@ -39,13 +44,19 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 FAILED_LOAD_TTL_S = 60.0
 
 
+# A Hugging Face hub repository: `org/name`.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
 class LoraSource(BaseModel):
-    """Where one catalog adapter's weights are: `weights` is a folder holding
-    `pytorch_lora_weights.safetensors` (what diffusers' `save_lora_weights` writes), a
-    `.safetensors` file, a Hugging Face hub id (with `weight_name` when the repository holds
-    several files), or `tiny-lora-<seed>` (a random adapter, for trying the feature out).
-    `weights_2` is the low-noise expert's adapter of a two-expert checkpoint (Wan 2.2 A14B),
-    loaded under the same name into its `transformer_2`."""
+    """Where one catalog adapter's weights are: `weights` is a folder holding a `.safetensors`
+    file (`pytorch_lora_weights.safetensors` is what diffusers' `save_lora_weights` writes; name
+    another with `weight_name`), a `.safetensors` file, a Hugging Face hub id `org/name` (with
+    `weight_name` when the repository holds several files, and `revision`), or
+    `tiny-lora-<seed>` (a random adapter, for trying the feature out). Relative paths are
+    relative to the working directory, as every path of a config. `weights_2` is the low-noise
+    expert's adapter of a two-expert checkpoint (Wan 2.2 A14B), loaded under the same name into
+    its `transformer_2`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -57,11 +68,49 @@ class LoraSource(BaseModel):
 
     @field_validator("weights", "weights_2")
     @classmethod
-    def _exists(cls, v: str | None) -> str | None:
-        # A local path that is not there fails when the config loads, not at the first request.
-        if v is not None and v.startswith((os.sep, ".", "~")) and not os.path.exists(os.path.expanduser(v)):
-            raise ValueError(f"no such file or folder: {v}")
+    def _where(cls, v: str | None) -> str | None:
+        # Anything that cannot be loaded fails when the config loads, not at the first request.
+        if v is None or TINY_LORA.match(v):
+            return v
+        local = os.path.expanduser(v)
+        if v.startswith((os.sep, ".", "~")) or os.path.exists(local):
+            if not os.path.exists(local):
+                raise ValueError(f"no such file or folder: {v}")
+            if os.path.isfile(local) and not local.endswith(".safetensors"):
+                raise ValueError(f"{v} is not a .safetensors file")
+            return v
+        if v.startswith("tiny-lora-"):
+            raise ValueError(
+                f"{v!r}: a tiny adapter is tiny-lora-<seed> (or tiny-lora-te-<seed>), seed up to 9 digits"
+            )
+        if not HUB_ID.match(v):
+            raise ValueError(
+                f"{v!r} is not a local folder or .safetensors file, a hub id (org/name) or tiny-lora-<seed>"
+            )
         return v
+
+    @model_validator(mode="after")
+    def _folder_holds_weights(self) -> LoraSource:
+        for field, weights, weight_name in (
+            ("weights", self.weights, self.weight_name),
+            ("weights_2", self.weights_2, self.weight_name_2),
+        ):
+            folder = os.path.expanduser(weights or "")
+            if weights is None or not os.path.isdir(folder):
+                continue
+            files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+            if weight_name is not None and weight_name not in files:
+                raise ValueError(f"{field}: {weights} has no {weight_name}")
+            if not files:
+                raise ValueError(f"{field}: {weights} holds no .safetensors file")
+            if weight_name is None and len(files) > 1 and LORA_FILE not in files:
+                raise ValueError(f"{field}: {weights} holds {', '.join(files)}; name one as weight_name")
+        return self
+
+    @property
+    def identity(self) -> str:
+        """What this source is, as part of a request's digest: its fields as given."""
+        return json.dumps(self.model_dump(exclude_none=True), sort_keys=True)
 
 
 def catalog_entries(catalog: Mapping[str, Any]) -> dict[str, Any]:
@@ -82,7 +131,9 @@ def check_catalog(catalog: Mapping[str, Any]) -> dict[str, LoraSource]:
 
 
 def lora_location(source: LoraSource, spec: ModelSpec, second: bool = False) -> tuple[str, dict[str, Any]]:
-    """(what `load_lora_weights` takes, its keyword arguments) for one catalog source."""
+    """(the folder `load_lora_weights` reads, its keyword arguments) for one catalog source; a
+    hub adapter is downloaded first (or found in the local cache). Raises ModelError saying
+    what to do when the hub cannot be reached and the cache does not hold it."""
     weights = source.weights_2 if second else source.weights
     weight_name = source.weight_name_2 if second else source.weight_name
     assert weights is not None
@@ -90,14 +141,40 @@ def lora_location(source: LoraSource, spec: ModelSpec, second: bool = False) -> 
     if match:
         return str(tiny_lora(spec, int(match.group(2)), bool(match.group(1)))), {"weight_name": LORA_FILE}
     local = os.path.expanduser(weights)
-    if os.path.isfile(local):  # a single file: diffusers takes its folder and its name
-        return os.path.dirname(os.path.abspath(local)), {"weight_name": os.path.basename(local)}
-    kwargs: dict[str, Any] = {}
-    if weight_name:
-        kwargs["weight_name"] = weight_name
-    if source.revision and not os.path.isdir(local):
-        kwargs["revision"] = source.revision
-    return (local if os.path.isdir(local) else weights), kwargs
+    if os.path.isfile(local):
+        path = local
+    elif os.path.isdir(local):
+        files = sorted(f for f in os.listdir(local) if f.endswith(".safetensors"))
+        name = weight_name or (LORA_FILE if LORA_FILE in files or not files else files[0])
+        path = os.path.join(local, name)
+    else:
+        path = hub_file(
+            weights, weight_name or _hub_weight_name(weights, source.revision), None, source.revision
+        )
+    # diffusers takes a folder and a file name in it.
+    return os.path.dirname(os.path.abspath(path)), {"weight_name": os.path.basename(path)}
+
+
+def _hub_weight_name(repo: str, revision: str | None) -> str:
+    """The adapter file of hub repository `repo`: its only .safetensors file, or diffusers' name."""
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        return LORA_FILE
+    try:
+        files = [f for f in HfApi().list_repo_files(repo, revision=revision) if f.endswith(".safetensors")]
+    except Exception as exc:
+        if type(exc).__name__ in ("RepositoryNotFoundError", "RevisionNotFoundError", "GatedRepoError"):
+            raise ModelError(f"{repo}: {type(exc).__name__} on the Hugging Face hub") from None
+        raise ModelError(
+            f"cannot reach the Hugging Face hub to list {repo}'s files: check the network (HF_ENDPOINT "
+            "for a mirror), or set weight_name, so that the local cache is used when the hub is down"
+        ) from None
+    if LORA_FILE in files or not files:
+        return LORA_FILE
+    if len(files) > 1:
+        raise ModelError(f"{repo} holds {', '.join(files[:8])}: name one as weight_name")
+    return files[0]
 
 
 def tiny_lora(spec: ModelSpec, seed: int, text_encoders: bool = False, rank: int = 4) -> Path:
@@ -226,7 +303,7 @@ class LoraCache:
             try:
                 has_weights = self.adapter.load_lora(name, source, adapter_name=slot or name, hotswap=swap)
             except Exception:
-                if not swap:
+                if not swap or slot is None:
                     raise
                 # An adapter that adapts other layers than the slot's last one cannot be swapped
                 # in: the slot is loaded afresh (the compiled graph changes once more).
@@ -236,7 +313,10 @@ class LoraCache:
             self.adapter.delete_lora(slot or name)  # a half-loaded adapter must not stay in the model
             if slot in self._slots:
                 self._slots.remove(slot)
-            message = f"lora: cannot load adapter {name!r} ({source.weights}): {type(exc).__name__}: {exc}"
+            log.debug("cannot load LoRA adapter %s from %s", name, source.weights, exc_info=True)
+            first = (str(exc).strip().splitlines() or [""])[0]
+            first = first if len(first) <= 300 else first[:297] + "..."
+            message = f"lora: cannot load adapter {name!r}: {type(exc).__name__}: {first}"
             self._failed[name] = (time.monotonic(), message)
             self._active = None
             raise LoraError(message) from None

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import re
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
@@ -219,9 +220,17 @@ OPTIONAL_PARAMS = frozenset(n for n, f in SamplingParams.model_fields.items() if
 LORA_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
+# The strength of an adapter: diffusers takes any number, but far past this the frames are noise
+# or black, and a request that asks for that is a mistake to report, not a video to make.
+MAX_LORA_SCALE = 10.0
+# Entries read from one `lora` value at most: more is refused before any is validated.
+MAX_LORA_ENTRIES = 64
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
 class LoraRef(BaseModel):
     """One LoRA adapter of a request: a catalog `name` and the `scale` its weights are applied at
-    (diffusers' `set_adapters(adapter_weights=...)`; 1.0 as trained, 0 off)."""
+    (diffusers' `set_adapters(adapter_weights=...)`; 1.0 as trained, within +-MAX_LORA_SCALE)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -233,18 +242,24 @@ class LoraRef(BaseModel):
     def _name(cls, v: str) -> str:
         if "/" in v or "\\" in v or v.startswith((".", "~")) or ":" in v:
             raise ValueError(
-                f"{v!r} looks like a path or URL; name an adapter of the catalog (`loras:` in the config)"
+                f"{_short(v)!r} looks like a path or URL; name an adapter of the catalog (`loras:` in the config)"
             )
         if not LORA_NAME_PATTERN.match(v):
-            raise ValueError(f"{v!r} is not an adapter name (1-64 letters, digits, '.', '_' or '-')")
+            raise ValueError(f"{_short(v)!r} is not an adapter name (1-64 letters, digits, '.', '_' or '-')")
         return v
 
     @field_validator("scale", mode="before")
     @classmethod
     def _scale(cls, v: Any) -> Any:
         v = _no_bool(v)
-        if isinstance(v, (int, float)) and not math.isfinite(v):
-            raise ValueError("must be a finite number")
+        if isinstance(v, str):
+            if not _NUMBER.match(v.strip()):
+                raise ValueError(f"{_short(v)!r} is not a number")
+            v = float(v)
+        if isinstance(v, (int, float)) and not (abs(v) <= MAX_LORA_SCALE and math.isfinite(v)):
+            raise ValueError(
+                f"must be between -{MAX_LORA_SCALE:g} and {MAX_LORA_SCALE:g} (got {_short(str(v))})"
+            )
         return v
 
 
@@ -252,53 +267,76 @@ def parse_loras(value: Any) -> tuple[LoraRef, ...]:
     """A request's `lora` value, in any of the forms people send, -> adapters sorted by name.
 
     Accepted: a list of `{"name", "scale"}` objects (the API's and a Parquet list<struct>
-    column's form; `scale` defaults to 1.0), one such object, its JSON text (a CSV cell, a form
-    field), or `name[:scale]` items joined by commas (`pixel-art:0.8,film-grain`). None, "" and
-    [] mean no adapter. Raises ValueError saying what is wrong; an adapter named twice is an error.
+    column's form; a missing, null or NaN `scale` is 1.0), one such object, its JSON text (a
+    CSV cell, a form field), `name[:scale]` items joined by commas (`pixel-art:0.8,film-grain`),
+    or a list mixing these (repeated CLI flags, repeated form fields). None, "", "null" and []
+    mean no adapter; an adapter at scale 0 is left out (it changes nothing). Raises ValueError
+    saying what is wrong: an adapter named twice, more than MAX_LORA_ENTRIES entries, a bad
+    name or scale.
     """
-    if value is None or (isinstance(value, float) and value != value):
-        return ()
-    if isinstance(value, str):
-        text = value.strip()
-        if not text:
-            return ()
-        if text[0] in "[{":
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"is not valid JSON: {exc}") from None
-        else:
-            value = [item.strip() for item in text.split(",")]
-    if isinstance(value, Mapping):
-        value = [value]
-    if not isinstance(value, (list, tuple)) and not (hasattr(value, "tolist") and not isinstance(value, str)):
-        raise ValueError('must be a list of {"name": ..., "scale": ...} objects')
+    entries = _lora_entries(value)
     refs = []
-    for k, item in enumerate(list(value)):
+    for k, item in enumerate(entries):
         if isinstance(item, str):
             # A path or URL is refused as a whole (as a name), not cut at its colon.
             if "/" in item or "\\" in item or ":" not in item:
-                name, scale = item.strip(), None
+                item = {"name": item.strip()}
             else:
                 name, _, scale = (part.strip() for part in item.rpartition(":"))
-                if not _is_number(scale):
-                    raise ValueError(f"entry {k + 1} ({name!r}): scale {scale!r} is not a number")
-            item = {"name": name, **({"scale": scale} if scale is not None else {})}
+                item = {"name": name, "scale": scale}
         if not isinstance(item, Mapping):
             raise ValueError(
                 f'entry {k + 1}: expected {{"name": ..., "scale": ...}}, got {type(item).__name__}'
             )
+        values = {key: _unwrap(v) for key, v in item.items()}
+        if "scale" in values and _missing(values["scale"]):
+            del values["scale"]  # as pandas writes a struct field left out, or NaN
         try:
-            values = {key: _unwrap(v) for key, v in item.items()}
-            refs.append(LoraRef.model_validate(values))
+            ref = LoraRef.model_validate(values)
         except ValidationError as exc:
             problem = RequestError.from_validation(exc)
-            raise ValueError(f"entry {k + 1}: {problem}") from None
-    names = [r.name for r in refs]
-    twice = sorted({n for n in names if names.count(n) > 1})
+            label = f" ({_short(str(values['name']))!r})" if isinstance(values.get("name"), str) else ""
+            raise ValueError(f"entry {k + 1}{label}: {problem}") from None
+        if ref.scale != 0:
+            refs.append(ref)
+    counts = Counter(r.name for r in refs)
+    twice = sorted(n for n, c in counts.items() if c > 1)
     if twice:
         raise ValueError(f"adapter {twice[0]!r} is named twice; give each adapter once, with one scale")
     return tuple(sorted(refs, key=lambda r: r.name))
+
+
+def _lora_entries(value: Any) -> list[Any]:
+    """A `lora` value -> its entries: objects, or `name[:scale]` strings."""
+    if _missing(value):
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if not text or text == "null":
+            return []
+        if text[0] in "[{":
+            try:
+                return _lora_entries(json.loads(text))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"is not valid JSON: {exc}") from None
+        items: list[Any] = [p for p in (part.strip() for part in text.split(",", MAX_LORA_ENTRIES)) if p]
+    elif isinstance(value, Mapping):
+        items = [value]
+    elif isinstance(value, (list, tuple)) or (hasattr(value, "tolist") and not isinstance(value, bytes)):
+        items = []
+        for item in list(value)[: MAX_LORA_ENTRIES + 1]:
+            # A string in a list is one more value of any form (a repeated flag or form field).
+            items.extend(_lora_entries(item) if isinstance(item, str) else [item])
+    else:
+        raise ValueError('must be a list of {"name": ..., "scale": ...} objects')
+    if len(items) > MAX_LORA_ENTRIES:
+        raise ValueError(f"names more than {MAX_LORA_ENTRIES} adapters")
+    return items
+
+
+def _short(text: str, limit: int = 80) -> str:
+    """`text` for an error message: at most `limit` characters."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def lora_text(refs: tuple[LoraRef, ...]) -> str | None:
@@ -312,14 +350,6 @@ def lora_key(refs: tuple[LoraRef, ...]) -> str:
     """The adapter set of `refs` by name (no scales), e.g. "film-grain+pixel-art": the Serve
     multiplexed model id that routes a request to a replica holding its adapters; "" for none."""
     return "+".join(r.name for r in refs)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 class GenerationRequest(BaseModel):
@@ -521,12 +551,16 @@ class RequestBuilder:
     """Raw values (a table row, an HTTP body, CLI flags) -> a validated `GenerationRequest`.
 
     `defaults` fill fields a request leaves out; `limits` bound what it may ask for; `model`
-    names the weights, so the derived id of a request changes with the model that makes it.
+    names the weights, so the derived id of a request changes with the model that makes it (and
+    `lora_sources` with the weights behind an adapter's name).
     """
 
     defaults: Mapping[str, Any]
     limits: RequestLimits
     model: str = ""
+    # catalog name -> what its weights are (`LoraSource.identity`): a name pointed at other
+    # weights makes other requests
+    lora_sources: Mapping[str, str] = field(default_factory=dict)
     _cache: dict[Any, SamplingParams] = field(default_factory=dict, compare=False, repr=False)
 
     def build(self, raw: Mapping[str, Any]) -> GenerationRequest:
@@ -598,7 +632,7 @@ class RequestBuilder:
         if req.image is not None:  # left out otherwise: text-to-video digests stay as they were
             content["image"] = req.image
         if req.lora:  # likewise: requests without adapters keep their digests
-            content["lora"] = [[r.name, r.scale] for r in req.lora]
+            content["lora"] = [[r.name, r.scale, self.lora_sources.get(r.name, "")] for r in req.lora]
         if with_seed:
             content["seed"] = req.seed
         return hashlib.sha256(_canonical(content).encode("utf-8", "surrogatepass")).hexdigest()

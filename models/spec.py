@@ -133,7 +133,7 @@ class ModelSpec(BaseModel):
                 raise ModelError(
                     f"{self.weights}: cannot read {os.path.join(subfolder or '', name)}: {exc}"
                 ) from None
-        with open(_hub_file(path, name, subfolder, self.revision)) as f:
+        with open(hub_file(path, name, subfolder, self.revision)) as f:
             return json.load(f)
 
     @cached_property
@@ -170,7 +170,7 @@ class ModelError(ValueError):
     """Weights that cannot be found or reached: the message says what to do."""
 
 
-def _hub_file(repo: str, name: str, subfolder: str | None, revision: str | None) -> str:
+def hub_file(repo: str, name: str, subfolder: str | None, revision: str | None) -> str:
     """A checkpoint file from the Hugging Face hub (or its cache): its local path.
 
     One probe without retries first: `hf_hub_download` retries an unreachable hub for ~25 s
@@ -200,7 +200,10 @@ def _hub_file(repo: str, name: str, subfolder: str | None, revision: str | None)
                 "Face hub (a private one needs `hf auth login`), and no local folder of that name"
             ) from None
         except EntryNotFoundError:
-            raise ModelError(f"{repo} has no {where.split('/', 2)[-1]}: not a diffusers pipeline") from None
+            raise ModelError(
+                f"{repo} has no {where.split('/', 2)[-1]}"
+                + (": not a diffusers pipeline" if name.endswith(".json") else "")
+            ) from None
         except Exception:  # the hub cannot be reached: the cache may still have the file
             offline = True
     try:

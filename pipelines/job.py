@@ -83,6 +83,7 @@ class JobSummary:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.reasons.items(), key=lambda kv: -kv[1]))
         why = f" ({reasons})" if reasons else ""
         if self.dry_run:
+            width = max([40, *(len(shape) + 2 for shape in self.shapes)])
             lines = [
                 f"dry run: {self.total} rows",
                 f"  to generate: {self.to_generate}"
@@ -91,7 +92,10 @@ class JobSummary:
                 f"  same request as another row: {self.duplicate}",
                 f"  to fail: {self.failed}{why}",
                 "shapes to generate:",
-                *(f"  {shape:<40}{n:>10}" for shape, n in sorted(self.shapes.items(), key=lambda kv: -kv[1])),
+                *(
+                    f"  {shape:<{width}}{n:>10}"
+                    for shape, n in sorted(self.shapes.items(), key=lambda kv: -kv[1])
+                ),
             ]
             return "\n".join(lines)
         busy = ", ".join(f"{k} {v:.1f}s" for k, v in self.busy_s.items())

@@ -114,7 +114,16 @@ def test_the_adapters_are_part_of_the_row_identity_and_row():
         ("org/some-lora", "looks like a path"),
         ("hf://org/x", "looks like a path"),
         ([{"name": "pastel", "scale": "strong"}], "scale"),
-        ([{"name": "pastel", "scale": float("nan")}], "finite"),
+        ([{"name": "pastel", "scale": float("inf")}], "between -10 and 10"),
+        ([{"name": "pastel", "scale": 10**400}], "between -10 and 10"),
+        ("pastel:nan", "'nan' is not a number"),
+        ("pastel:inf", "'inf' is not a number"),
+        ("pastel:1e400", "between -10 and 10"),
+        ("pastel:1_0", "'1_0' is not a number"),
+        ("pastel:1e30", "between -10 and 10"),
+        ([{"name": f"n{i}"} for i in range(100_000)], "more than 64 adapters"),
+        (",".join(["pastel"] * 20_000), "more than 64 adapters"),
+        ("x" * 100_000, "is not an adapter name"),
         ([{"name": "pastel", "weight": 1}], "weight"),
         ("pastel,pastel:0.5", "named twice"),
         ("[{broken", "not valid JSON"),
@@ -126,6 +135,36 @@ def test_a_bad_adapter_is_refused_naming_lora(value, words):
     with pytest.raises(RequestError) as err:
         builder.build({"prompt": "a fox", "lora": value})
     assert err.value.field == "lora" and words in str(err.value), str(err.value)
+    assert len(str(err.value)) < 400  # a name of any length is cut short in the message
+
+
+@pytest.mark.parametrize(
+    "value, adapters",
+    [
+        # What pandas writes for a struct field left out, or NaN: the default scale.
+        ([{"name": "neon", "scale": None}, {"name": "pastel", "scale": float("nan")}], "neon:1,pastel:1"),
+        # Repeated CLI flags and form fields, each in any form.
+        (["pastel:0.5,neon"], "neon:1,pastel:0.5"),
+        (['[{"name": "pastel", "scale": 0.5}, {"name": "neon"}]'], "neon:1,pastel:0.5"),
+        (["pastel:0.5", "neon"], "neon:1,pastel:0.5"),
+        # No adapter: an empty or null cell, an adapter at scale 0.
+        ("", ""),
+        ("null", ""),
+        ([], ""),
+        ("pastel:0", ""),
+        ("pastel:-2.5e-1", "pastel:-0.25"),
+    ],
+)
+def test_every_spelling_of_adapters_means_what_it_says(value, adapters):
+    req = config("tiny-wan").request_builder().build({"prompt": "a fox", "lora": value})
+    assert ",".join(f"{r.name}:{r.scale:g}" for r in req.lora) == adapters
+
+
+def test_other_weights_behind_a_name_are_another_request():
+    # A rerun after the catalog points a name at other weights makes the video again.
+    first = config("tiny-wan").request_builder().build({"prompt": "a fox", "seed": 1, "lora": "pastel"})
+    moved = config("tiny-wan", loras={**CATALOG, "pastel": "tiny-lora-7"}).request_builder()
+    assert moved.build({"prompt": "a fox", "seed": 1, "lora": "pastel"}).id != first.id
 
 
 def test_a_deployment_without_a_catalog_says_so():
@@ -156,9 +195,9 @@ def test_the_lru_loads_each_adapter_once_and_evicts_the_least_recently_used():
 
 
 def test_an_adapter_that_cannot_load_fails_its_rows_and_spares_the_others(tmp_path):
-    empty = tmp_path / "empty-lora"
-    empty.mkdir()
-    local = LocalPipeline(config("tiny-wan", loras={**CATALOG, "broken": str(empty)}))
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file" * 10)
+    local = LocalPipeline(config("tiny-wan", loras={**CATALOG, "broken": str(broken)}))
     reqs = [
         local.request(prompt="a fox", seed=1, lora=name, num_frames=5, **SMALL)
         for name in ("broken", "pastel", None, "broken")
@@ -166,22 +205,37 @@ def test_an_adapter_that_cannot_load_fails_its_rows_and_spares_the_others(tmp_pa
     out = local.run(reqs)
     assert [bool(e) for e in out["error"]] == [True, False, False, True]
     assert out["error_reason"][0] == "lora_unavailable"
-    assert out["error"][0].startswith("lora: cannot load adapter 'broken'")
+    assert out["error"][0].startswith("lora: cannot load adapter 'broken': ")
+    assert "\n" not in out["error"][0] and len(out["error"][0]) < 400
     # The transformer holds no trace of the failed adapter.
     assert local.denoiser.adapter.pipe.get_list_adapters() == {"transformer": ["pastel"]}
 
 
 def test_catalog_mistakes_are_config_errors_naming_the_key(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
     for loras, words in [
         ({"a/b": "x"}, "'a/b': an adapter name"),
         ({"style": "./missing-folder"}, "loras.style.weights: no such file or folder"),
         ({"style": {"weight": "x"}}, "loras.style.weights"),
+        ({"style": str(tmp_path / "empty")}, "holds no .safetensors file"),
+        ({"style": str(tmp_path / "notes.txt")}, "is not a .safetensors file"),
+        ({"style": "tiny-lora-abc"}, "tiny-lora-<seed>"),
+        ({"style": "https://huggingface.co/org/x"}, "not a local folder or .safetensors file, a hub id"),
+        ({"style": "s3://bucket/x.safetensors"}, "not a local folder or .safetensors file, a hub id"),
     ]:
         path = tmp_path / "c.yaml"
         path.write_text(json.dumps({"loras": loras}))
         with pytest.raises(ConfigError, match="config file") as err:
             KinorayConfig.load(path)
         assert words in str(err.value), str(err.value)
+
+
+def test_weights_2_on_a_model_with_one_transformer_is_a_config_error():
+    with pytest.raises(ConfigError, match="loras.pastel.weights_2: tiny-wan has one transformer"):
+        config(
+            "tiny-wan", loras={"pastel": {"weights": "tiny-lora-1", "weights_2": "tiny-lora-2"}}
+        ).request_builder()
 
 
 def test_a_catalog_adapter_may_be_a_file_a_folder_or_a_tiny_one(tmp_path):
@@ -227,3 +281,19 @@ def test_a_compiled_transformer_swaps_adapters_in_place_without_recompiling():
     stats = compiled.denoiser.loras.stats()
     assert stats["loads"] == {"pastel": 2, "neon": 2, "inked": 1}
     assert sorted(stats["slots"].values()) == ["slot0", "slot1"]
+
+
+def test_a_hub_adapter_out_of_reach_fails_its_rows_at_once_saying_why(monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as conftest sets it: no network here
+    local = LocalPipeline(config("tiny-wan", loras={**CATALOG, "remote": "someone/some-lora"}))
+    start = time.perf_counter()
+    out = local.run(
+        [local.request(prompt="a fox", seed=1, lora=name, num_frames=5, **SMALL) for name in ("remote", None)]
+    )
+    assert time.perf_counter() - start < 30  # no retry storm
+    assert out["error_reason"][0] == "lora_unavailable" and out["error"][1] == ""
+    assert "someone/some-lora" in out["error"][0] and "not in the local cache" in out["error"][0], out[
+        "error"
+    ][0]

@@ -191,11 +191,23 @@ def test_an_unknown_or_path_like_adapter_is_a_400_naming_lora(client):
         ([{"name": "../../etc/passwd"}], "looks like a path"),
         ("hf://someone/lora", "looks like a path"),
         ([{"name": "pastel", "scale": "loud"}], "scale"),
+        ("pastel:nan", "not a number"),
+        ([{"name": "pastel", "scale": 1e300}], "between -10 and 10"),
+        ([{"name": f"n{i}"} for i in range(100_000)], "more than 64 adapters"),
     ]:
         res = requests.post(f"{base}/videos", json={"prompt": "a fox", "lora": value})
         assert res.status_code == 400, res.text
         error = res.json()["error"]
         assert error["param"] == "lora" and words in error["message"], error
+    # Refused before any job exists: nothing to list.
+    assert [v for v in client.videos.list() if v.status == "failed"] == []
+    # Repeated form fields add up, as repeated --lora flags do (here past this deployment's
+    # one adapter per request), rather than the last one winning.
+    res = requests.post(
+        f"{base}/videos",
+        files=[("prompt", (None, "a fox")), ("lora", (None, "pastel")), ("lora", (None, "neon:0.5"))],
+    )
+    assert res.status_code == 400 and "2 adapters" in res.json()["error"]["message"], res.text
     # The same list in a multipart form, as the openai client sends `extra_body` with a file.
     res = requests.post(
         f"{base}/videos",

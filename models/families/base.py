@@ -363,9 +363,20 @@ class FamilyAdapter:
         transformer's (both experts' with `weights_2`), the encoder the text encoders'
         (`text_encoder_loras`). Returns whether the adapter has weights for this stage.
         diffusers reads the file, in any format it knows."""
-        from kinoray.models.loras import lora_location
+        import diffusers
 
         slot = adapter_name or name
+        verbosity = diffusers.utils.logging.get_verbosity()
+        # diffusers logs a failed load at length before raising; the error names the adapter.
+        diffusers.utils.logging.set_verbosity(diffusers.utils.logging.CRITICAL)
+        try:
+            return self._load_lora(name, source, slot, hotswap)
+        finally:
+            diffusers.utils.logging.set_verbosity(verbosity)
+
+    def _load_lora(self, name: str, source: LoraSource, slot: str, hotswap: bool) -> bool:
+        from kinoray.models.loras import lora_location
+
         with warnings.catch_warnings():
             # peft warns of a second adapter in one model: holding several is what the LRU is for.
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
