@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from kinoray.models.config import DecoderConfig, KinorayConfig, StageConfig
+from kinoray.models.config import DecoderConfig, DenoiserConfig, KinorayConfig, StageConfig
 from kinoray.models.request import GenerationRequest
 from kinoray.models.spec import ModelSpec
 
@@ -220,13 +220,13 @@ def bench_config(model: str, device: str | None) -> KinorayConfig:
         return KinorayConfig(
             model=ModelSpec(weights=model, device=device or "auto"),
             encoder=StageConfig(num_cpus=0, num_gpus=0.1, batch_size=4),
-            denoiser=StageConfig(num_cpus=0, num_gpus=0.8, batch_size=4),
+            denoiser=DenoiserConfig(num_cpus=0, num_gpus=0.8, batch_size=4),
             decoder=DecoderConfig(num_cpus=0, num_gpus=0.1, batch_size=4),
         )
     return KinorayConfig(
         model=ModelSpec(weights=model, device=device or "auto"),
         encoder=StageConfig(num_cpus=0.5, batch_size=4),
-        denoiser=StageConfig(num_cpus=1, batch_size=4, min_replicas=cores, max_replicas=cores),
+        denoiser=DenoiserConfig(num_cpus=1, batch_size=4, min_replicas=cores, max_replicas=cores),
         decoder=DecoderConfig(num_cpus=0.5, batch_size=4),
     )
 

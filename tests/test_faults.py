@@ -94,11 +94,12 @@ def batch_command(prompts, out, config="examples/job.yaml"):
 )
 def test_a_stopped_job_keeps_every_video_it_wrote(tmp_path, sig):
     """Ctrl-C (SIGINT to the job's process group), SIGTERM to the job's process (what a container
-    stop or `kill` sends) or SIGKILL of a 48-row job once 6 videos exist: the rerun generates exactly the rows without a video and ends like an uninterrupted run."""
+    stop or `kill` sends) or SIGKILL of a 24-row job once 6 videos exist: the rerun generates
+    exactly the rows without a video and ends like an uninterrupted run."""
     # The example's pools with one row per call: videos are written one by one rather than in
     # bursts of a block of rows (a burst can hold every row of a fast job), so the job is
     # stopped with most of its rows to go.
-    rows = 48
+    rows = 24
     with open(os.path.join(ROOT, "examples", "job.yaml")) as f:
         job = yaml.safe_load(f)
     for stage in ("encoder", "denoiser", "decoder"):
