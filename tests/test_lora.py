@@ -297,3 +297,26 @@ def test_a_hub_adapter_out_of_reach_fails_its_rows_at_once_saying_why(monkeypatc
     assert "someone/some-lora" in out["error"][0] and "not in the local cache" in out["error"][0], out[
         "error"
     ][0]
+
+
+def test_a_two_expert_adapter_loads_each_experts_weights_as_diffusers_does():
+    # Wan 2.2 A14B's adapters come as two files: the high-noise expert's and the low-noise one's.
+    two = {"weights": "tiny-lora-1", "weights_2": "tiny-lora-2"}
+    local = LocalPipeline(config("tiny-wan22", loras={"two": two, "high": "tiny-lora-1"}))
+    reqs = [
+        local.request(prompt="a fox", seed=4, lora=name, num_frames=5, **SMALL) for name in ("two", "high")
+    ]
+    out = local.run(reqs)
+    assert list(out["error"]) == ["", ""]
+    spec = local.config.model
+    pipe, family = load_pipeline(spec), adapter_class(spec)
+    source = local.config.loras["two"]
+    where, kwargs = lora_location(source, spec)
+    pipe.load_lora_weights(where, adapter_name="two", **kwargs)
+    where, kwargs = lora_location(source, spec, second=True)
+    pipe.load_lora_weights(where, adapter_name="two", load_into_transformer_2=True, **kwargs)
+    pipe.set_adapters(["two"], adapter_weights=[1.0])
+    ref = family.generate(spec, pipe, [reqs[0]])[0]
+    assert np.abs(out["frames"][0].astype(int) - ref.astype(int)).max() <= 1
+    # The low-noise expert's adapter is part of the video: without it, another one.
+    assert np.abs(out["frames"][0].astype(int) - out["frames"][1].astype(int)).max() > 1
