@@ -18,12 +18,14 @@ from kinoray.pipelines.job import run_job
 
 pytestmark = pytest.mark.integration
 
-# shapes-wan is tiny-wan's family with trained, shipped weights: it runs online in
-# test_first_hour (the example Serve config) and through the stages in test_shapes. tiny-wan22
-# is the same adapter with a second expert: its guidance_scale_2 reaches every front end in
+# The Wan family runs end to end in most other integration modules: tiny-wan is their model
+# (test_bulk_job, test_serve_app, test_faults, ...), shapes-wan runs online in test_first_hour
+# (the example Serve config), tiny-wan22's guidance_scale_2 reaches every front end in
 # test_guidance_scale_2, and Wan 2.2 TI2V's layout runs end to end in test_image_to_video_e2e.
 PRESETS = [
-    p for p in tiny.preset_names(tested_only=True, image=False) if p not in ("shapes-wan", "tiny-wan22")
+    p
+    for p in tiny.preset_names(tested_only=True, image=False)
+    if p not in ("shapes-wan", "tiny-wan", "tiny-wan22")
 ]
 
 

@@ -113,7 +113,7 @@ def test_a_stopped_job_keeps_every_video_it_wrote(tmp_path, sig):
                 {
                     "id": f"r{i:02d}",
                     "prompt": f"stop {i}",
-                    "num_inference_steps": 20,
+                    "num_inference_steps": 8,
                     "height": 64,
                     "width": 64,
                 }
@@ -184,7 +184,7 @@ def test_a_serve_replica_killed_with_requests_in_flight(serve_base, tmp_path):
     serve.run(build(config), name="faults", route_prefix="/")
     client = openai.OpenAI(base_url=f"{serve_base}/v1", api_key="x", max_retries=0)
     ids = [
-        client.videos.create(prompt=f"in flight {i}", extra_body={"num_inference_steps": 60, "seed": i}).id
+        client.videos.create(prompt=f"in flight {i}", extra_body={"num_inference_steps": 30, "seed": i}).id
         for i in range(4)
     ]
     while not any(
