@@ -191,11 +191,6 @@ class DenoiserDeployment(_BatchedStage):
         out["denoised_by"] = np.array([self.replica] * batch_len(out), dtype=object)
         return out
 
-    def get_lora_stats(self) -> dict[str, Any]:
-        """This replica's id and its adapters: held (least recently used first), loads, hits,
-        evictions by name."""
-        return {"replica": self.replica, **self.stage.loras.stats()}
-
     def get_stopped(self) -> list[dict[str, Any]]:
         """The last 1000 cancelled rows: id, how the cancellation came (`request`: Serve's
         cancellation of the call; `storage`: the job's record was deleted), the steps it had
