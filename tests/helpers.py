@@ -3,6 +3,7 @@ and free loopback ports."""
 
 import io
 import socket
+import time
 
 import av
 import numpy as np
@@ -36,3 +37,12 @@ def same_video(data: bytes, local, **fields) -> bool:
     ref = local.run([local.request(**fields)])["frames"][0]
     got, want = decoded(data), decoded(encode_video(ref, fields.get("fps", 8)))
     return got.shape == want.shape and psnr(got, want) > SAME_VIDEO_DB
+
+
+def finished(client, video, timeout=120.0):
+    """`video` (an openai Video) once it is completed or failed, polled through `client`."""
+    deadline = time.time() + timeout
+    while video.status not in ("completed", "failed") and time.time() < deadline:
+        time.sleep(0.1)
+        video = client.videos.retrieve(video.id)
+    return video

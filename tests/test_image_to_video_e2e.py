@@ -8,14 +8,13 @@ import io
 import json
 import struct
 import threading
-import time
 import zlib
 
 import numpy as np
 import pandas as pd
 import pytest
 import requests
-from helpers import SAME_VIDEO_DB, decoded, free_port, psnr
+from helpers import SAME_VIDEO_DB, decoded, finished, free_port, psnr
 from PIL import Image
 
 from kinoray.models.config import KinorayConfig
@@ -149,14 +148,6 @@ def client(serve_base, tmp_path_factory):
     yield openai.OpenAI(base_url=f"{serve_base}/i2v/v1", api_key="x", max_retries=0)
 
 
-def wait(client, video):
-    deadline = time.time() + 120
-    while video.status not in ("completed", "failed") and time.time() < deadline:
-        time.sleep(0.1)
-        video = client.videos.retrieve(video.id)
-    return video
-
-
 def test_the_official_client_uploads_a_reference_image(client, tmp_path):
     scene = sample_scene(np.random.default_rng(3))
     path = tmp_path / "frame.png"
@@ -164,7 +155,7 @@ def test_the_official_client_uploads_a_reference_image(client, tmp_path):
     prompt = scene.caption()
     with open(path, "rb") as f:
         video = client.videos.create(prompt=prompt, input_reference=f, extra_body={"seed": 3})
-    video = wait(client, video)
+    video = finished(client, video)
     assert video.status == "completed", video.error
     assert video.model_extra["input_reference_sha256"] == sha(path.read_bytes())
     data = client.videos.download_content(video.id).content
@@ -188,7 +179,7 @@ def test_the_official_client_uploads_a_reference_image(client, tmp_path):
         json={"prompt": prompt, "seed": 3, "input_reference": {"image_url": url}},
     )
     assert again.status_code == 200, again.text
-    twin = wait(client, client.videos.retrieve(again.json()["id"]))
+    twin = finished(client, client.videos.retrieve(again.json()["id"]))
     assert twin.status == "completed"
     assert psnr(decoded(client.videos.download_content(twin.id).content), decoded(data)) > SAME_VIDEO_DB
 

@@ -8,7 +8,7 @@ import time
 import pandas as pd
 import pytest
 import requests
-from helpers import SAME_VIDEO_DB, decoded, free_port, psnr
+from helpers import SAME_VIDEO_DB, decoded, finished, free_port, psnr
 
 from kinoray.models.config import KinorayConfig
 from kinoray.models.local import LocalPipeline
@@ -134,14 +134,6 @@ def client(serve_base, tmp_path_factory):
     serve.delete("lora")
 
 
-def wait(client, video):
-    deadline = time.time() + 120
-    while video.status not in ("completed", "failed") and time.time() < deadline:
-        time.sleep(0.1)
-        video = client.videos.retrieve(video.id)
-    return video
-
-
 def loads():
     """kinoray_lora_loads_total of the denoise stage by adapter, summed over Ray's workers, from
     Ray's metrics endpoint."""
@@ -170,7 +162,7 @@ def test_requests_go_to_the_replica_that_holds_their_adapter(client):
         video = client.videos.create(
             prompt="a fox", extra_body={"seed": k, "lora": [{"name": name, "scale": 0.8}]}
         )
-        video = wait(client, video)
+        video = finished(client, video)
         assert video.status == "completed", video.error
         assert video.model_extra["lora"] == [{"name": name, "scale": 0.8}]
         record = json.loads((STORE[0] / "jobs" / f"{video.id}.json").read_text())
