@@ -46,3 +46,15 @@ def finished(client, video, timeout=120.0):
         time.sleep(0.1)
         video = client.videos.retrieve(video.id)
     return video
+
+
+def openai_app(serve_base, config, name):
+    """kinoray's Serve app for `config` (a KinorayConfig), run under `/<name>`: the official
+    openai client pointed at it."""
+    import openai
+    from ray import serve
+
+    from kinoray.deployments.app import build
+
+    serve.run(build(config), name=name, route_prefix=f"/{name}")
+    return openai.OpenAI(base_url=f"{serve_base}/{name}/v1", api_key="x", max_retries=0)

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-from helpers import SAME_VIDEO_DB, decoded, finished, free_port, psnr
+from helpers import SAME_VIDEO_DB, decoded, finished, free_port, openai_app, psnr
 from PIL import Image
 
 from kinoray.models.config import KinorayConfig
@@ -129,26 +129,20 @@ def test_a_bulk_table_of_local_s3_http_and_inline_images(cluster, http_files, tm
     assert videos["relative"] != videos["absolute"]  # same prompt and seed, another image
 
 
-STORE = []
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return tmp_path_factory.mktemp("store")
 
 
 @pytest.fixture(scope="module")
-def client(serve_base, tmp_path_factory):
-    import openai
-    from ray import serve
-
-    from kinoray.deployments.app import build
-
-    store = tmp_path_factory.mktemp("store")
-    STORE.append(store)
+def client(serve_base, store):
     config = KinorayConfig.model_validate(
         {"model": {"weights": ONLINE_MODEL}, "serve": {"storage": str(store)}, "defaults": ONLINE}
     )
-    serve.run(build(config), name="i2v", route_prefix="/i2v")
-    yield openai.OpenAI(base_url=f"{serve_base}/i2v/v1", api_key="x", max_retries=0)
+    return openai_app(serve_base, config, "i2v")
 
 
-def test_the_official_client_uploads_a_reference_image(client, tmp_path):
+def test_the_official_client_uploads_a_reference_image(client, store, tmp_path):
     scene = sample_scene(np.random.default_rng(3))
     path = tmp_path / "frame.png"
     Image.fromarray(scene.render()[0]).save(path)
@@ -184,7 +178,7 @@ def test_the_official_client_uploads_a_reference_image(client, tmp_path):
     assert psnr(decoded(client.videos.download_content(twin.id).content), decoded(data)) > SAME_VIDEO_DB
 
     # Deleting the job removes its copy of the image.
-    references = STORE[0] / "references"
+    references = store / "references"
     assert (references / video.id).read_bytes() == path.read_bytes()
     client.videos.delete(video.id)
     assert not (references / video.id).exists()

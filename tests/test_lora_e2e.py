@@ -8,7 +8,7 @@ import time
 import pandas as pd
 import pytest
 import requests
-from helpers import SAME_VIDEO_DB, decoded, finished, free_port, psnr
+from helpers import SAME_VIDEO_DB, decoded, finished, free_port, openai_app, psnr
 
 from kinoray.models.config import KinorayConfig
 from kinoray.models.local import LocalPipeline
@@ -109,18 +109,15 @@ def test_a_bulk_table_with_a_lora_column(ray_session, tmp_path):
     assert again.skipped == 6
 
 
-STORE = []
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return tmp_path_factory.mktemp("store")
 
 
 @pytest.fixture(scope="module")
-def client(serve_base, tmp_path_factory):
-    import openai
+def client(serve_base, store):
     from ray import serve
 
-    from kinoray.deployments.app import build
-
-    store = tmp_path_factory.mktemp("store")
-    STORE.append(store)
     config = KinorayConfig.model_validate(
         {
             "loras": CATALOG,
@@ -129,8 +126,7 @@ def client(serve_base, tmp_path_factory):
             "denoiser": {"min_replicas": 2, "max_replicas": 2, "max_loras": 1, "num_cpus": 0.5},
         }
     )
-    serve.run(build(config), name="lora", route_prefix="/lora")
-    yield openai.OpenAI(base_url=f"{serve_base}/lora/v1", api_key="x", max_retries=0)
+    yield openai_app(serve_base, config, "lora")
     serve.delete("lora")
 
 
@@ -155,7 +151,7 @@ def settled():
     return value
 
 
-def test_requests_go_to_the_replica_that_holds_their_adapter(client):
+def test_requests_go_to_the_replica_that_holds_their_adapter(client, store):
     before = settled()  # earlier tests' loads
     replicas = {}
     for k, name in enumerate(["pastel", "neon"] * 3):
@@ -165,7 +161,7 @@ def test_requests_go_to_the_replica_that_holds_their_adapter(client):
         video = finished(client, video)
         assert video.status == "completed", video.error
         assert video.model_extra["lora"] == [{"name": name, "scale": 0.8}]
-        record = json.loads((STORE[0] / "jobs" / f"{video.id}.json").read_text())
+        record = json.loads((store / "jobs" / f"{video.id}.json").read_text())
         replicas.setdefault(name, []).append(record["denoised_by"])
     # Each adapter stayed on one replica, and they are two replicas: with room for one adapter
     # each, any other routing would have evicted one and loaded it again.
