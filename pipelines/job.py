@@ -138,33 +138,25 @@ def _run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
 
 
-class ClaimRows:
-    """The claim step: one actor, fed blocks in input order, asks the job's state to decide
-    each row and passes on the rows to generate, bucketed by sampling parameters."""
+def claim_rows(block: pa.Table, state_name: str, dry_run: bool) -> pa.Table:
+    """The claim step: asks the job's state to decide each row of `block` and returns the rows
+    to generate, bucketed by sampling parameters. It runs one block at a time, in input order.
+    The state is found by name rather than passed as a handle: a handle among a step's
+    arguments puts them in the object store."""
+    import ray
 
-    def __init__(self, state_name: str, dry_run: bool):
-        import ray
-
-        # By name rather than by handle: an actor handle among the constructor arguments puts
-        # them in the object store, which Ray reports as an error line for restartable actors.
-        self.state, self.dry_run = ray.get_actor(state_name), dry_run
-
-    def __call__(self, block: pa.Table) -> pa.Table:
-        import ray
-
-        keep, changes, resume = ray.get(self.state.claim.remote(block.select(list(DECISION_COLUMNS))))
-        if changes:
-            decided = block.take(pa.array(list(changes), pa.int64())).to_pylist()
-            ray.get(self.state.add.remote([{**row, **c} for row, c in zip(decided, changes.values())]))
-        if self.dry_run:
-            return block.slice(0, 0)
-        # Rows whose latents an earlier run saved start at the decode stage, from that file.
-        paths = [resume.get(i) for i in range(block.num_rows)]
-        block = block.append_column(
-            RESUME_COLUMN, pa.array(["decode" if p else None for p in paths], pa.string())
-        )
-        block = block.append_column(LATENTS_PATH, pa.array(paths, pa.string()))
-        return sampling_order(block.filter(keep))
+    state = ray.get_actor(state_name)
+    keep, changes, resume = ray.get(state.claim.remote(block.select(list(DECISION_COLUMNS))))
+    if changes:
+        decided = block.take(pa.array(list(changes), pa.int64())).to_pylist()
+        ray.get(state.add.remote([{**row, **c} for row, c in zip(decided, changes.values())]))
+    if dry_run:
+        return block.slice(0, 0)
+    # Rows whose latents an earlier run saved start at the decode stage, from that file.
+    paths = [resume.get(i) for i in range(block.num_rows)]
+    block = block.append_column(RESUME_COLUMN, pa.array(["decode" if p else None for p in paths], pa.string()))
+    block = block.append_column(LATENTS_PATH, pa.array(paths, pa.string()))
+    return sampling_order(block.filter(keep))
 
 
 def _pool(stage: StageConfig) -> dict[str, Any]:
@@ -215,10 +207,12 @@ def build_dataset(
         batch_format="pyarrow",
         num_cpus=VALIDATE_CPUS,
     )
+    # One claim at a time, in input order: "the first row with an id" is first by file and row.
+    # Tasks rather than an actor: they run in the workers already started for reading.
     ds = ds.map_batches(
-        ClaimRows,
-        fn_constructor_kwargs={"state_name": state_name(run), "dry_run": dry_run},
-        compute=ray.data.ActorPoolStrategy(size=1),
+        claim_rows,
+        fn_kwargs={"state_name": state_name(run), "dry_run": dry_run},
+        compute=ray.data.TaskPoolStrategy(size=1),
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=0,

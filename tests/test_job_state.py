@@ -32,7 +32,7 @@ def raw_block(rows, file=0):
 
 
 def claim(state, rows, file=0):
-    """What ClaimRows does: decide, record the rows not generated, return the rows to generate."""
+    """What the claim step (claim_rows) does: decide, record the rows not generated, return the rows to generate."""
     block = validate_rows(raw_block(rows, file), BUILDER, state.files, [])
     keep, changes, _resume = state.claim(block)
     decided = block.take(pa.array(list(changes), pa.int64())).to_pylist()
