@@ -400,7 +400,7 @@ def main(args: argparse.Namespace) -> int:
     if args.startup:
         from kinoray import bench_startup
 
-        print(bench_startup.render(bench_startup.run(Path(args.out), args.baseline)))
+        print(bench_startup.render(bench_startup.run(Path(args.out), args.baseline, args.repeat)))
         print(f"\nwritten: {Path(args.out) / 'startup.json'}")
         return 0
     if args.scale:

@@ -468,6 +468,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CHECKOUT",
         help="with --startup or --status-reads: also measure another kinoray checkout (first on PYTHONPATH)",
     )
+    k.add_argument(
+        "--repeat",
+        type=_positive_int,
+        default=3,
+        metavar="N",
+        help="with --startup: runs of each command; the median is reported (default: 3)",
+    )
     k.set_defaults(func=cmd_bench)
 
     t = sub.add_parser(
