@@ -154,7 +154,9 @@ def claim_rows(block: pa.Table, state_name: str, dry_run: bool) -> pa.Table:
         return block.slice(0, 0)
     # Rows whose latents an earlier run saved start at the decode stage, from that file.
     paths = [resume.get(i) for i in range(block.num_rows)]
-    block = block.append_column(RESUME_COLUMN, pa.array(["decode" if p else None for p in paths], pa.string()))
+    block = block.append_column(
+        RESUME_COLUMN, pa.array(["decode" if p else None for p in paths], pa.string())
+    )
     block = block.append_column(LATENTS_PATH, pa.array(paths, pa.string()))
     return sampling_order(block.filter(keep))
 
