@@ -13,6 +13,10 @@ from kinoray.deployments.ingress import Ingress
 from kinoray.deployments.stages import DecoderDeployment, DenoiserDeployment, EncoderDeployment
 from kinoray.models.config import KinorayConfig, StageConfig
 
+# An ingress replica parses requests and keeps job records: a small CPU share, so that it is
+# scheduled beside stage replicas that hold every core.
+INGRESS_CPUS = 0.25
+
 
 def _options(name: str, stage: StageConfig) -> dict[str, Any]:
     actor = stage.ray_resources()
@@ -69,7 +73,7 @@ def build(config: KinorayConfig) -> Application:
             name="ingress",
             num_replicas=config.serve.ingress_replicas,
             max_ongoing_requests=config.serve.ingress_max_ongoing_requests,
-            ray_actor_options={"num_cpus": 0.25},
+            ray_actor_options={"num_cpus": INGRESS_CPUS},
         )
         .bind(config.model_dump(mode="json"), encoder, denoiser, decoder)
     )

@@ -19,8 +19,8 @@ def serve_forever(config: KinorayConfig, address: str | None = None, verbose: bo
     from ray import serve
     from ray.serve.schema import LoggingConfig
 
-    from kinoray.deployments.app import build
-    from kinoray.models.cluster import connect, local_cpus
+    from kinoray.deployments.app import INGRESS_CPUS, build
+    from kinoray.models.cluster import check_placeable, connect, local_cpus
 
     received: dict[str, int] = {}
 
@@ -33,6 +33,7 @@ def serve_forever(config: KinorayConfig, address: str | None = None, verbose: bo
     started, serving = False, False
     try:
         started = connect(config, address, local_cpus(config, extra=2), verbose)
+        check_placeable(config, INGRESS_CPUS * config.serve.ingress_replicas, started, "the ingress")
         logs = LoggingConfig(log_level="INFO" if verbose else "WARNING")
         serve.start(http_options={"host": config.serve.host, "port": config.serve.port}, logging_config=logs)
         serve.run(build(config), name="kinoray", route_prefix="/", logging_config=logs)

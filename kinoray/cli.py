@@ -149,7 +149,7 @@ class _NoteSigint:
 def cmd_batch(args: argparse.Namespace) -> int:
     import signal
 
-    from kinoray.models.cluster import StderrFilter
+    from kinoray.models.cluster import StderrFilter, needed_cpus, unplaceable
     from kinoray.pipelines.job import JobInterrupted, run_job
     from kinoray.pipelines.sources import InputError
 
@@ -158,6 +158,14 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     config = _load_config(args)
+    if args.num_cpus is not None and not args.dry_run and not (args.address or os.environ.get("RAY_ADDRESS")):
+        # Before Ray starts: on too few CPUs the stage pools would wait forever.
+        problem = unplaceable(config, [{"CPU": args.num_cpus}], 1, resources=("CPU",))
+        if problem:
+            raise UserError(
+                f"--num-cpus {args.num_cpus}: {problem}; give at least {needed_cpus(config, 1)}, "
+                "or lower those in the config"
+            )
     try:
         with contextlib.nullcontext() if args.verbose else StderrFilter():
             summary = run_job(
@@ -564,6 +572,11 @@ def main(argv: list[str] | None = None) -> int:
         if message is None or debug:
             raise
         print(f"error: {message}", file=sys.stderr)
+        if argv is None and "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            from kinoray.models.cluster import exit_now
+
+            # Found after Ray started (the cluster cannot place the stages): nothing is in flight.
+            exit_now(2)
         return 2
 
 

@@ -13,6 +13,7 @@ A local cluster gets:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import sys
@@ -35,15 +36,110 @@ def quiet(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
 
 
+STAGES = ("encoder", "denoiser", "decoder")
+# The StageConfig field that reserves each Ray resource
+FIELDS = {"CPU": "num_cpus", "GPU": "num_gpus", "memory": "memory_gb"}
+
+
+def stage_needs(
+    config: KinorayConfig, extra: float, extra_for: str = "readers and writers"
+) -> dict[str, dict[str, float]]:
+    """What the stage pools' minimum replicas (at least one each) reserve, by Ray resource name
+    ("CPU", "GPU", "memory" in bytes, custom ones) and then by who reserves it: a stage, or
+    `extra_for` (readers and writers, the ingress) for `extra` CPUs."""
+    needs: dict[str, dict[str, float]] = {}
+    for name in STAGES:
+        stage = getattr(config, name)
+        replicas = max(1, stage.min_replicas)
+        for resource, amount in replica_resources(stage).items():
+            if amount:
+                field = f"{name}.{FIELDS.get(resource, 'resources.' + resource)}"
+                who = field if replicas == 1 else f"{field} x {replicas} replicas"
+                needs.setdefault(resource, {})[who] = amount * replicas
+    if extra:
+        needs.setdefault("CPU", {})[extra_for] = extra
+    return needs
+
+
+def replica_resources(stage: Any) -> dict[str, float]:
+    """One replica's reservation of a StageConfig, by Ray resource name."""
+    out = {"CPU": stage.num_cpus, "GPU": stage.num_gpus, **stage.resources}
+    if stage.memory_gb:
+        out["memory"] = stage.memory_gb * 1024**3
+    return out
+
+
 def local_cpus(config: KinorayConfig, extra: float, stages: bool = True) -> int:
     """Logical CPUs for a local cluster: this machine's cores, or more when the stage replicas'
     minimum asks for more (plus `extra` for readers, writers or the ingress), so that every
     actor is scheduled even on a small machine."""
-    import math
+    return max(os.cpu_count() or 1, needed_cpus(config, extra) if stages else math.ceil(extra))
 
-    pools = (config.encoder, config.denoiser, config.decoder) if stages else ()
-    need = math.ceil(sum(s.num_cpus * max(1, s.min_replicas) for s in pools) + extra)
-    return max(os.cpu_count() or 1, need)
+
+def needed_cpus(config: KinorayConfig, extra: float) -> int:
+    """The fewest logical CPUs on which the stage pools' minimum replicas and `extra` fit."""
+    return math.ceil(sum(stage_needs(config, extra).get("CPU", {}).values()))
+
+
+def unplaceable(
+    config: KinorayConfig,
+    nodes: list[dict[str, float]],
+    extra: float,
+    extra_for: str = "readers and writers",
+    resources: tuple[str, ...] | None = None,
+) -> str | None:
+    """Why the stage pools' minimum replicas can never all be placed on a cluster of `nodes`
+    (each node's total resources, as `ray.nodes()` gives them), or None when they can; only
+    `resources` (default: all) are checked. Ray would keep them pending without a word: a job
+    that never starts."""
+    needs = stage_needs(config, extra, extra_for)
+    if resources is not None:
+        needs = {r: by for r, by in needs.items() if r in resources}
+    for resource, by in needs.items():
+        have = sum(node.get(resource, 0.0) for node in nodes)
+        if sum(by.values()) > have + 1e-9:
+            parts = ", ".join(f"{who} {_amount(resource, n)}" for who, n in by.items())
+            return (
+                f"the stage pools need {_amount(resource, sum(by.values()))} {_unit(resource)} "
+                f"({parts}) and the cluster has {_amount(resource, have)}"
+            )
+    for name in STAGES:
+        one = {
+            r: n
+            for r, n in replica_resources(getattr(config, name)).items()
+            if n and (resources is None or r in resources)
+        }
+        if not any(all(node.get(r, 0.0) >= n - 1e-9 for r, n in one.items()) for node in nodes):
+            wants = ", ".join(f"{_amount(r, n)} {_unit(r)}" for r, n in one.items())
+            return f"a {name} replica needs {wants} on one node, and no node of the cluster has that much"
+    return None
+
+
+def _unit(resource: str) -> str:
+    return {"memory": "GiB of memory"}.get(resource, resource)
+
+
+def _amount(resource: str, n: float) -> str:
+    return f"{n / 1024**3:g}" if resource == "memory" else f"{n:g}"
+
+
+def check_placeable(
+    config: KinorayConfig, extra: float, started: bool, extra_for: str = "readers and writers"
+) -> None:
+    """After connecting: raise ConfigError when the stage pools cannot be placed on a cluster
+    this process started (nothing will add nodes to it); on another cluster, say on stderr what
+    is missing, since an autoscaler may add it."""
+    import ray
+
+    from kinoray.models.config import ConfigError
+
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    problem = unplaceable(config, nodes, extra, extra_for)
+    if problem is None:
+        return
+    if started:
+        raise ConfigError(f"{problem}: lower those in the config, or run where they exist (--address)")
+    print(f"kinoray: waiting for the cluster: {problem}", file=sys.stderr, flush=True)
 
 
 def _port_free(port: int) -> bool:

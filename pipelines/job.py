@@ -257,11 +257,14 @@ def _init_ray(
     verbose: bool = False,
 ) -> bool:
     """Connect to Ray; returns whether this call started a local cluster."""
-    from kinoray.models.cluster import connect, local_cpus
+    from kinoray.models.cluster import check_placeable, connect, local_cpus
 
     # A dry run starts no stage: its validation tasks get the cores.
     cpus = num_cpus or local_cpus(config, extra=1, stages=not dry_run)
-    return connect(config, address, cpus, verbose)
+    started = connect(config, address, cpus, verbose)
+    if not dry_run:
+        check_placeable(config, 1, started)
+    return started
 
 
 def run_job(
@@ -279,8 +282,10 @@ def run_job(
     not already done in `output`; `on_rows(n)` hears of each batch of `n` finished videos.
 
     With `dry_run`, rows are read, validated and planned without loading any model.
-    Raises `InputError` for a source that cannot be used (before anything starts) and
-    `JobInterrupted` after SIGINT/SIGTERM, once what finished is recorded.
+    Raises `InputError` for a source that cannot be used (before anything starts),
+    `ConfigError` when the stage pools cannot be placed on the local cluster this call started
+    (see `cluster.unplaceable`), and `JobInterrupted` after SIGINT/SIGTERM, once what finished is
+    recorded.
     """
     import ray
     import ray.data

@@ -133,6 +133,11 @@ MISTAKES = {
         lambda d: ["batch", str(d / "p.jsonl"), "-o", str(d / "o")],
         "p.jsonl",
     ),
+    "fewer CPUs than the stage pools need": (
+        lambda d: ["batch", write(d / "p.jsonl", '{"prompt": "x"}\n'), "-o", str(d / "o"), "--num-cpus", "2"],
+        "--num-cpus 2: the stage pools need 4 CPU (encoder.num_cpus 1, denoiser.num_cpus 1, "
+        "decoder.num_cpus 1, readers and writers 1) and the cluster has 2; give at least 4",
+    ),
 }
 
 
@@ -146,6 +151,26 @@ def test_each_mistake_is_one_error_line_and_exit_2(mistake, tmp_path):
     assert expected in lines[0]
     assert "Traceback" not in res.stderr
     assert seconds < 2.0, f"{mistake} took {seconds:.1f}s"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("command", ["batch", "serve"])
+def test_stages_the_machine_cannot_hold_are_an_error_not_a_wait(command, tmp_path):
+    """A stage asking for more GPUs than the machine has: Ray would keep its pool pending forever."""
+    config = write(tmp_path / "c.yaml", f"denoiser: {{num_gpus: 1000}}\nserve: {{port: {free_port()}}}\n")
+    args = (
+        ["batch", write(tmp_path / "p.jsonl", '{"prompt": "x"}\n'), "-o", "out"] if command == "batch" else []
+    )
+    res, seconds = kinoray(*(args or ["serve"]), "--config", config, cwd=tmp_path, timeout=60)
+    assert res.returncode == 2, res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, res.stderr
+    assert errors[0].startswith(
+        "error: the stage pools need 1000 GPU (denoiser.num_gpus 1000) and the cluster has "
+    )
+    assert errors[0].endswith(": lower those in the config, or run where they exist (--address)")
+    assert "Traceback" not in res.stderr
+    assert seconds < 20
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -277,10 +302,8 @@ def test_serve_run_with_the_example_serve_config_comes_up_on_two_cpus(tmp_path):
             videos = requests.get(f"http://127.0.0.1:{port}/v1/videos/{videos['id']}", timeout=10).json()
         assert videos["status"] == "completed"
     finally:
-        serve.send_signal(signal.SIGINT)
-        try:
-            serve.wait(timeout=15)
-        except subprocess.TimeoutExpired:  # a slow shutdown is not what this test is about
-            serve.kill()
-        finally:  # never leave the cluster behind: later modules would join it
-            subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
+        # Stopped at once rather than gracefully (a slow shutdown is not what this test is
+        # about); never left behind: later modules would join the cluster.
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
+        serve.kill()
+        serve.wait(timeout=15)
