@@ -158,13 +158,17 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     config = _load_config(args)
-    if args.num_cpus is not None and not args.dry_run and not (args.address or os.environ.get("RAY_ADDRESS")):
+    if args.num_cpus is not None and (args.address or os.environ.get("RAY_ADDRESS")):
+        raise UserError(
+            "--num-cpus: sizes a local cluster; a cluster given with --address or RAY_ADDRESS has its own"
+        )
+    if args.num_cpus is not None and not args.dry_run:
         # Before Ray starts: on too few CPUs the stage pools would wait forever.
         problem = unplaceable(config, [{"CPU": args.num_cpus}], 1, resources=("CPU",))
         if problem:
             raise UserError(
                 f"--num-cpus {args.num_cpus}: {problem}; give at least {needed_cpus(config, 1)}, "
-                "or lower those in the config"
+                "or lower the stage settings named"
             )
     try:
         with contextlib.nullcontext() if args.verbose else StderrFilter():
@@ -412,7 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(b)
     b.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else start a local one)")
     b.add_argument(
-        "--num-cpus", type=int, help="logical CPUs of a local Ray cluster (default: enough for the stages)"
+        "--num-cpus",
+        type=_positive_int,
+        help="logical CPUs of a local Ray cluster (default: enough for the stages)",
     )
     b.add_argument(
         "--dry-run", action="store_true", help="read and validate every row, load no model, print the plan"

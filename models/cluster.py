@@ -54,7 +54,8 @@ def stage_needs(
         for resource, amount in replica_resources(stage).items():
             if amount:
                 field = f"{name}.{FIELDS.get(resource, 'resources.' + resource)}"
-                who = field if replicas == 1 else f"{field} x {replicas} replicas"
+                per = _amount(resource, amount)
+                who = field if replicas == 1 else f"{field} {per} x {name}.min_replicas {replicas} ="
                 needs.setdefault(resource, {})[who] = amount * replicas
     if extra:
         needs.setdefault("CPU", {})[extra_for] = extra
@@ -110,8 +111,10 @@ def unplaceable(
             if n and (resources is None or r in resources)
         }
         if not any(all(node.get(r, 0.0) >= n - 1e-9 for r, n in one.items()) for node in nodes):
-            wants = ", ".join(f"{_amount(r, n)} {_unit(r)}" for r, n in one.items())
-            return f"a {name} replica needs {wants} on one node, and no node of the cluster has that much"
+            wants = ", ".join(
+                f"{name}.{FIELDS.get(r, 'resources.' + r)} {_amount(r, n)}" for r, n in one.items()
+            )
+            return f"one {name} replica needs {wants} on one node, and no node of the cluster has that much"
     return None
 
 
@@ -120,7 +123,7 @@ def _unit(resource: str) -> str:
 
 
 def _amount(resource: str, n: float) -> str:
-    return f"{n / 1024**3:g}" if resource == "memory" else f"{n:g}"
+    return f"{round(n / 1024**3, 1):g}" if resource == "memory" else f"{n:g}"
 
 
 def check_placeable(
@@ -138,7 +141,7 @@ def check_placeable(
     if problem is None:
         return
     if started:
-        raise ConfigError(f"{problem}: lower those in the config, or run where they exist (--address)")
+        raise ConfigError(f"{problem}: lower the stage settings named, or use a cluster that has them")
     print(f"kinoray: waiting for the cluster: {problem}", file=sys.stderr, flush=True)
 
 
@@ -166,6 +169,7 @@ def connect(
     if ray.is_initialized():
         return False
     if address or os.environ.get("RAY_ADDRESS"):
+        _check_reachable(address or os.environ["RAY_ADDRESS"])
         handlers = _python_handlers()
         ray.init(
             address=address, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING
@@ -196,6 +200,23 @@ def connect(
     _restore(handlers)
     print(f"kinoray: local Ray cluster, {where}", file=sys.stderr, flush=True)
     return True
+
+
+def _check_reachable(address: str) -> None:
+    """Raise ConfigError when nothing listens at a `host:port` cluster address: Ray would retry
+    for a long while, printing its own connection warnings."""
+    from kinoray.models.config import ConfigError
+
+    host, _, port = address.rpartition(":")
+    if address in ("auto", "local") or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=3).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"Ray address {address}: no cluster answers there ({exc.strerror or exc}); start one with "
+            "`ray start --head`, or leave the address out for a local cluster"
+        ) from None
 
 
 def exit_now(code: int) -> NoReturn:

@@ -50,6 +50,17 @@ class StageConfig(BaseModel):
             out["resources"] = dict(self.resources)
         return out
 
+    @field_validator("resources")
+    @classmethod
+    def _custom_only(cls, value: dict[str, float]) -> dict[str, float]:
+        # Ray refuses its own resources among the custom ones, when the first replica starts.
+        fields = {"CPU": "num_cpus", "GPU": "num_gpus", "memory": "memory_gb"}
+        for name in value:
+            if name in fields or name == "object_store_memory":
+                instead = f"; use {fields[name]}" if name in fields else ""
+                raise ValueError(f"{name!r} is one of Ray's own resources, not a custom one{instead}")
+        return value
+
     @model_validator(mode="after")
     def _bounds(self) -> StageConfig:
         if self.min_replicas > self.max_replicas:

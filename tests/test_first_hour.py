@@ -133,10 +133,41 @@ MISTAKES = {
         lambda d: ["batch", str(d / "p.jsonl"), "-o", str(d / "o")],
         "p.jsonl",
     ),
+    "a number of CPUs below one": (
+        lambda d: ["batch", "p.jsonl", "-o", "o", "--num-cpus", "0"],
+        "argument --num-cpus: must be at least 1 (got 0)",
+    ),
+    "a local cluster's size for a cluster given by address": (
+        lambda d: ["batch", "p.jsonl", "-o", "o", "--num-cpus", "4", "--address", "127.0.0.1:1"],
+        "--num-cpus: sizes a local cluster; a cluster given with --address or RAY_ADDRESS has its own",
+    ),
+    "an address where no cluster runs": (
+        lambda d: [
+            "batch",
+            write(d / "p.jsonl", '{"prompt": "x"}\n'),
+            "-o",
+            str(d / "o"),
+            "--address",
+            f"127.0.0.1:{free_port()}",
+        ],
+        ": no cluster answers there (Connection refused); start one with `ray start --head`",
+    ),
+    "Ray's own resource among the custom ones": (
+        lambda d: [
+            "batch",
+            "p.jsonl",
+            "-o",
+            "o",
+            "--config",
+            write(d / "c.yaml", "denoiser: {resources: {GPU: 1}}\n"),
+        ],
+        "denoiser.resources: 'GPU' is one of Ray's own resources, not a custom one; use num_gpus",
+    ),
     "fewer CPUs than the stage pools need": (
         lambda d: ["batch", write(d / "p.jsonl", '{"prompt": "x"}\n'), "-o", str(d / "o"), "--num-cpus", "2"],
         "--num-cpus 2: the stage pools need 4 CPU (encoder.num_cpus 1, denoiser.num_cpus 1, "
-        "decoder.num_cpus 1, readers and writers 1) and the cluster has 2; give at least 4",
+        "decoder.num_cpus 1, readers and writers 1) and the cluster has 2; give at least 4, or lower the stage "
+        "settings named",
     ),
 }
 
@@ -168,7 +199,7 @@ def test_stages_the_machine_cannot_hold_are_an_error_not_a_wait(command, tmp_pat
     assert errors[0].startswith(
         "error: the stage pools need 1000 GPU (denoiser.num_gpus 1000) and the cluster has "
     )
-    assert errors[0].endswith(": lower those in the config, or run where they exist (--address)")
+    assert errors[0].endswith(": lower the stage settings named, or use a cluster that has them")
     assert "Traceback" not in res.stderr
     assert seconds < 20
 

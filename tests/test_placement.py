@@ -23,7 +23,7 @@ def test_the_default_stages_fit_on_four_cpus_and_not_on_three():
 def test_minimum_replicas_count_and_zero_means_one():
     c = config(denoiser={"num_cpus": 2, "min_replicas": 3, "max_replicas": 4}, encoder={"min_replicas": 0})
     assert needed_cpus(c, 0.25) == 9  # 1 + 2 x 3 + 1 + 0.25, rounded up
-    assert "denoiser.num_cpus x 3 replicas 6" in unplaceable(c, [{"CPU": 8}], 0.25)
+    assert "denoiser.num_cpus 2 x denoiser.min_replicas 3 = 6" in unplaceable(c, [{"CPU": 8}], 0.25)
     assert local_cpus(c, 0.25) >= 9
 
 
@@ -37,8 +37,9 @@ def test_gpus_memory_and_custom_resources_are_checked_by_name():
     assert unplaceable(c, [{**nodes[0], "GPU": 0}], 1) == (
         "the stage pools need 1 GPU (denoiser.num_gpus 1) and the cluster has 0"
     )
-    assert unplaceable(c, [{**nodes[0], "memory": 4 * 2**30}], 1) == (
-        "the stage pools need 8 GiB of memory (decoder.memory_gb 8) and the cluster has 4"
+    assert unplaceable(c, [{**nodes[0], "memory": 16.28 * 2**30}], 1) is None
+    assert unplaceable(c, [{**nodes[0], "memory": 4.2846 * 2**30}], 1) == (
+        "the stage pools need 8 GiB of memory (decoder.memory_gb 8) and the cluster has 4.3"
     )
     assert "h200" in unplaceable(c, [{k: v for k, v in nodes[0].items() if k != "h200"}], 1)
 
@@ -47,7 +48,8 @@ def test_a_replica_must_fit_on_one_node():
     c = config(denoiser={"num_cpus": 1, "num_gpus": 2})
     split = [{"CPU": 4, "GPU": 1}, {"CPU": 4, "GPU": 1}]  # 2 GPUs in all, never 2 on one node
     assert unplaceable(c, split, 1) == (
-        "a denoiser replica needs 1 CPU, 2 GPU on one node, and no node of the cluster has that much"
+        "one denoiser replica needs denoiser.num_cpus 1, denoiser.num_gpus 2 on one node, "
+        "and no node of the cluster has that much"
     )
     assert unplaceable(c, [{"CPU": 4, "GPU": 2}], 1) is None
 
@@ -68,6 +70,16 @@ def test_a_cluster_this_process_started_fails_and_another_one_is_waited_for(ray_
     assert capsys.readouterr().err.startswith(
         "kinoray: waiting for the cluster: the stage pools need 1000 GPU (denoiser.num_gpus 1000)"
     )
-    with pytest.raises(ConfigError, match=r"need 1000 GPU .*: lower those in the config"):
+    with pytest.raises(ConfigError, match=r"need 1000 GPU .*: lower the stage settings named"):
         check_placeable(c, 1, started=True)
     check_placeable(config(), 1, started=True)  # the defaults fit the session's 8 CPUs
+
+
+def test_ray_s_own_resources_are_not_custom_ones():
+    from pydantic import ValidationError
+
+    for name, hint in (("CPU", "; use num_cpus"), ("GPU", "; use num_gpus"), ("memory", "; use memory_gb")):
+        with pytest.raises(
+            ValidationError, match=f"'{name}' is one of Ray's own resources, not a custom one{hint}"
+        ):
+            KinorayConfig.model_validate({"denoiser": {"resources": {name: 1}}})
