@@ -28,12 +28,40 @@ QUIET_LOGGERS = ("ray", "ray.data", "ray.serve")
 NOTICES = ("ray.data._internal.progress", "ray._private.authentication.authentication_token_setup")
 
 
+# Warnings about a choice kinoray makes on purpose, by logger: a GPU stage also reserves its CPU
+# share (Ray Data reserves one CPU for a GPU map task that names none), which Ray Data calls
+# experimental on every run.
+CHOSEN = {
+    "ray.data._internal.execution.operators.map_operator": (
+        "Specifying both num_cpus and num_gpus for map tasks is experimental",
+    ),
+}
+
+
+class _Drop(logging.Filter):
+    """Drops records whose message starts with one of `starts`."""
+
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
+
+
 def quiet(verbose: bool = False) -> None:
-    """Ray's and Ray Serve's INFO lines in this process only when `verbose`."""
+    """Ray's and Ray Serve's INFO lines in this process only when `verbose`, and no notice or
+    warning about kinoray's own choices (NOTICES, CHOSEN) unless `verbose`."""
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
     for name in NOTICES:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
+    for name, starts in CHOSEN.items():
+        logger = logging.getLogger(name)
+        for old in [f for f in logger.filters if isinstance(f, _Drop)]:
+            logger.removeFilter(old)
+        if not verbose:
+            logger.addFilter(_Drop(starts))
 
 
 STAGES = ("encoder", "denoiser", "decoder")

@@ -83,3 +83,26 @@ def test_ray_s_own_resources_are_not_custom_ones():
             ValidationError, match=f"'{name}' is one of Ray's own resources, not a custom one{hint}"
         ):
             KinorayConfig.model_validate({"denoiser": {"resources": {name: 1}}})
+
+
+def test_ray_data_s_warning_about_a_gpu_stage_s_cpu_share_is_dropped_unless_verbose(caplog):
+    import logging
+
+    from kinoray.models.cluster import CHOSEN, NOTICES, QUIET_LOGGERS, quiet
+
+    names = [*QUIET_LOGGERS, *NOTICES, *CHOSEN]
+    saved = {n: (logging.getLogger(n).level, list(logging.getLogger(n).filters)) for n in names}
+    logger = logging.getLogger("ray.data._internal.execution.operators.map_operator")
+    message = "Specifying both num_cpus and num_gpus for map tasks is experimental, and may result in ..."
+    try:
+        quiet(verbose=False)
+        logger.warning(message)
+        logger.warning("another warning")
+        assert [r.getMessage() for r in caplog.records] == ["another warning"]
+        quiet(verbose=True)
+        logger.warning(message)
+        assert caplog.records[-1].getMessage() == message
+    finally:
+        for name, (level, filters) in saved.items():
+            logging.getLogger(name).setLevel(level)
+            logging.getLogger(name).filters[:] = filters
