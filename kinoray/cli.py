@@ -149,7 +149,7 @@ class _NoteSigint:
 def cmd_batch(args: argparse.Namespace) -> int:
     import signal
 
-    from kinoray.models.cluster import StderrFilter, needed_cpus, unplaceable
+    from kinoray.models.cluster import StderrFilter, check_reachable, needed_cpus, unplaceable
     from kinoray.pipelines.job import JobInterrupted, run_job
     from kinoray.pipelines.sources import InputError
 
@@ -158,10 +158,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     config = _load_config(args)
-    if args.num_cpus is not None and (args.address or os.environ.get("RAY_ADDRESS")):
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if args.num_cpus is not None and address:
         raise UserError(
             "--num-cpus: sizes a local cluster; a cluster given with --address or RAY_ADDRESS has its own"
         )
+    if address:
+        check_reachable(address)  # before the job's imports: Ray would retry for a long while
     if args.num_cpus is not None and not args.dry_run:
         # Before Ray starts: on too few CPUs the stage pools would wait forever.
         problem = unplaceable(config, [{"CPU": args.num_cpus}], 1, resources=("CPU",))

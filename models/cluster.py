@@ -197,7 +197,7 @@ def connect(
     if ray.is_initialized():
         return False
     if address or os.environ.get("RAY_ADDRESS"):
-        _check_reachable(address or os.environ["RAY_ADDRESS"])
+        check_reachable(address or os.environ["RAY_ADDRESS"])
         handlers = _python_handlers()
         ray.init(
             address=address, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING
@@ -230,7 +230,7 @@ def connect(
     return True
 
 
-def _check_reachable(address: str) -> None:
+def check_reachable(address: str) -> None:
     """Raise ConfigError when nothing listens at a `host:port` cluster address: Ray would retry
     for a long while, printing its own connection warnings."""
     from kinoray.models.config import ConfigError
