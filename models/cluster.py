@@ -20,7 +20,7 @@ import sys
 from typing import Any, NoReturn
 
 from kinoray.models import reaper
-from kinoray.models.config import KinorayConfig
+from kinoray.models.config import RAY_RESOURCE_FIELDS, KinorayConfig, StageConfig
 
 # Loggers whose INFO lines only `verbose` shows, and notices about kinoray's own choices
 # (progress bars off: kinoray draws its own; token authentication: set on purpose).
@@ -65,8 +65,6 @@ def quiet(verbose: bool = False) -> None:
 
 
 STAGES = ("encoder", "denoiser", "decoder")
-# The StageConfig field that reserves each Ray resource
-FIELDS = {"CPU": "num_cpus", "GPU": "num_gpus", "memory": "memory_gb"}
 
 
 def stage_needs(
@@ -81,7 +79,7 @@ def stage_needs(
         replicas = max(1, stage.min_replicas)
         for resource, amount in replica_resources(stage).items():
             if amount:
-                field = f"{name}.{FIELDS.get(resource, 'resources.' + resource)}"
+                field = f"{name}.{RAY_RESOURCE_FIELDS.get(resource, 'resources.' + resource)}"
                 per = _amount(resource, amount)
                 who = field if replicas == 1 else f"{field} {per} x {name}.min_replicas {replicas} ="
                 needs.setdefault(resource, {})[who] = amount * replicas
@@ -90,12 +88,11 @@ def stage_needs(
     return needs
 
 
-def replica_resources(stage: Any) -> dict[str, float]:
-    """One replica's reservation of a StageConfig, by Ray resource name."""
-    out = {"CPU": stage.num_cpus, "GPU": stage.num_gpus, **stage.resources}
-    if stage.memory_gb:
-        out["memory"] = stage.memory_gb * 1024**3
-    return out
+def replica_resources(stage: StageConfig) -> dict[str, float]:
+    """One replica's reservation (`StageConfig.ray_resources`), by Ray resource name."""
+    args = stage.ray_resources()
+    named = {"CPU": args["num_cpus"], "GPU": args.get("num_gpus", 0.0), "memory": args.get("memory", 0.0)}
+    return {**named, **args.get("resources", {})}
 
 
 def local_cpus(config: KinorayConfig, extra: float, stages: bool = True) -> int:
@@ -140,7 +137,8 @@ def unplaceable(
         }
         if not any(all(node.get(r, 0.0) >= n - 1e-9 for r, n in one.items()) for node in nodes):
             wants = ", ".join(
-                f"{name}.{FIELDS.get(r, 'resources.' + r)} {_amount(r, n)}" for r, n in one.items()
+                f"{name}.{RAY_RESOURCE_FIELDS.get(r, 'resources.' + r)} {_amount(r, n)}"
+                for r, n in one.items()
             )
             return f"one {name} replica needs {wants} on one node, and no node of the cluster has that much"
     return None

@@ -18,6 +18,9 @@ from kinoray.models.loras import LoraSource, catalog_entries
 from kinoray.models.request import LimitOverrides, RequestBuilder, RequestDefaults
 from kinoray.models.spec import ModelSpec
 
+# The StageConfig field that reserves each of Ray's own resources
+RAY_RESOURCE_FIELDS = {"CPU": "num_cpus", "GPU": "num_gpus", "memory": "memory_gb"}
+
 
 class StageConfig(BaseModel):
     """Resources, batching and replica bounds of one stage's actor pool / deployment."""
@@ -54,10 +57,9 @@ class StageConfig(BaseModel):
     @classmethod
     def _custom_only(cls, value: dict[str, float]) -> dict[str, float]:
         # Ray refuses its own resources among the custom ones, when the first replica starts.
-        fields = {"CPU": "num_cpus", "GPU": "num_gpus", "memory": "memory_gb"}
         for name in value:
-            if name in fields or name == "object_store_memory":
-                instead = f"; use {fields[name]}" if name in fields else ""
+            if name in RAY_RESOURCE_FIELDS or name == "object_store_memory":
+                instead = f"; use {RAY_RESOURCE_FIELDS[name]}" if name in RAY_RESOURCE_FIELDS else ""
                 raise ValueError(f"{name!r} is one of Ray's own resources, not a custom one{instead}")
         return value
 
