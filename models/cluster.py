@@ -20,7 +20,7 @@ import sys
 from typing import Any, NoReturn
 
 from kinoray.models import reaper
-from kinoray.models.config import RAY_RESOURCE_FIELDS, KinorayConfig, StageConfig
+from kinoray.models.config import RAY_RESOURCE_FIELDS, ConfigError, KinorayConfig, StageConfig
 
 # Loggers whose INFO lines only `verbose` shows, and notices about kinoray's own choices
 # (progress bars off: kinoray draws its own; token authentication: set on purpose).
@@ -160,8 +160,6 @@ def check_placeable(
     is missing, since an autoscaler may add it."""
     import ray
 
-    from kinoray.models.config import ConfigError
-
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     problem = unplaceable(config, nodes, extra, extra_for)
     if problem is None:
@@ -231,8 +229,6 @@ def connect(
 def check_reachable(address: str) -> None:
     """Raise ConfigError when nothing listens at a `host:port` cluster address: Ray would retry
     for a long while, printing its own connection warnings."""
-    from kinoray.models.config import ConfigError
-
     host, _, port = address.rpartition(":")
     if address in ("auto", "local") or "://" in address or not port.isdigit():
         return
